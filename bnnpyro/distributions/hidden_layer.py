@@ -1,0 +1,248 @@
+"""A Bayesian fully connected layer as a Pyro distribution over its activations."""
+
+from __future__ import annotations
+
+from numbers import Number
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from pyro.distributions.torch_distribution import TorchDistribution
+from torch import Tensor
+from torch.distributions import constraints
+from torch.distributions.kl import register_kl
+from torch.distributions.utils import lazy_property
+
+from bnnpyro.distributions.kl import normal_kl
+
+
+class HiddenLayer(TorchDistribution):
+    r"""
+    A fully connected layer with a factorised Gaussian over its weights,
+    represented as a distribution over the layer's *activations*.
+
+    Generative process, for a weight matrix :math:`A \in \mathbb R^{D\times H}`
+    and an input row :math:`x \in \mathbb R^D`:
+
+    .. math::
+
+        A_{dh} \sim \mathcal N(\mu_{dh}, \sigma_{dh}^2), \qquad
+        \text{output} = \phi(x^\top A)\ \ [\,\Vert\ 1\,].
+
+    With the *local reparameterization trick* (Kingma, Salimans & Welling,
+    2015) the weights are never sampled; the pre-activations are, independently
+    for every row, from their exact marginal
+
+    .. math::
+
+        x^\top A \sim \mathcal N\big(x^\top \mu,\ (x\odot x)^\top (\sigma\odot\sigma)\big),
+
+    which costs two ``B x D @ D x H`` matmuls and ``O(B x H)`` memory.
+
+    **The folded KL.** The weights are not sample sites, so the KL of the weight
+    posterior from its prior is carried by :meth:`log_prob`, which ignores its
+    argument and returns this layer's share of
+    :math:`\mathrm{KL}(\mathcal N(\mu,\sigma^2)\,\Vert\,\mathcal N(\mu_0,\sigma_0^2))`
+    (``A_prior_mean``, ``A_prior_scale``), with a **positive** sign. In the
+    customary pattern the model site holds the prior layer (``A_mean = A_prior_mean``,
+    ``A_scale = A_prior_scale``: its KL is zero) and the guide site the
+    variational layer, so ``Trace_ELBO``'s ``log p - log q`` is ``-KL`` and SVI
+    minimises the KL. :func:`torch.distributions.kl_divergence` is registered
+    between two layers (the second one's ``A_mean``/``A_scale`` taken as the prior),
+    so ``TraceMeanField_ELBO`` uses the closed form.
+
+    **Minibatch scaling.** The rightmost batch dimension of ``X`` is the
+    minibatch (``B`` rows); each row carries ``KL_factor / B`` of the KL, so the
+    whole minibatch carries ``KL_factor * KL``. Inside
+    ``pyro.plate("data", N, subsample_size=B)`` (scale ``N/B``) the convention
+    ``KL_factor = B/N`` of :mod:`pyro.contrib.bnn` (or simply
+    ``dataset_size=N``) counts the KL exactly once:
+    ``-ELBO = (N/B) * NLL(batch) + KL``. Leading batch dimensions (vectorised
+    particles, posterior samples) are independent replicas of the network and
+    each carries a full share.
+
+    :param torch.Tensor X: ``batch_shape x D`` inputs (``B x D`` for a minibatch).
+    :param torch.Tensor A_mean: ``D x H`` weight means.
+    :param torch.Tensor A_scale: ``D x H`` positive weight standard deviations.
+    :param callable non_linearity: applied to the pre-activations (default ReLU).
+    :param float KL_factor: multiplier of the KL for the whole minibatch,
+        prototypically ``B / N``. Default 1.
+    :param A_prior_scale: scale of the Normal prior over the weights
+        (float, or a tensor broadcastable to ``D x H``). Default 1.
+    :param bool include_hidden_bias: append a column of ones to the output,
+        so that the next layer's last weight row acts as a bias. Default True.
+    :param bool weight_space_sampling: sample the weights themselves (one
+        ``D x H`` draw shared by all rows of a minibatch) instead of the
+        pre-activations. Same marginals per row, higher-variance gradients.
+    :param A_prior_mean: mean of the weight prior (float or tensor
+        broadcastable to ``D x H``). Default 0.
+    :param int dataset_size: ``N``; if given, ``KL_factor`` is set to ``B / N``.
+
+    The event shape is ``(H + 1,)`` with ``include_hidden_bias`` else ``(H,)``;
+    the batch shape is ``X.shape[:-1]``.
+
+    Reference: Kingma, D. P., Salimans, T., Welling, M. (2015). Variational
+    dropout and the local reparameterization trick. NeurIPS.
+    """
+
+    arg_constraints = {
+        "X": constraints.real,
+        "A_mean": constraints.real,
+        "A_scale": constraints.positive,
+    }
+    support = constraints.independent(constraints.real, 1)
+    has_rsample = True
+
+    def __init__(
+        self,
+        X: Tensor,
+        A_mean: Tensor,
+        A_scale: Tensor,
+        non_linearity: Callable[[Tensor], Tensor] = F.relu,
+        KL_factor: float | Tensor = 1.0,
+        A_prior_scale: float | Tensor = 1.0,
+        include_hidden_bias: bool = True,
+        weight_space_sampling: bool = False,
+        *,
+        A_prior_mean: float | Tensor = 0.0,
+        dataset_size: int | None = None,
+        validate_args: bool | None = None,
+    ) -> None:
+        for name, value in (("X", X), ("A_mean", A_mean), ("A_scale", A_scale)):
+            if not torch.is_tensor(value):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+            if not value.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        if A_mean.dim() != 2:
+            raise ValueError(f"A_mean must be 2-D (D x H), got shape {tuple(A_mean.shape)}")
+        if A_scale.dim() != 2:
+            raise ValueError(f"A_scale must be 2-D (D x H), got shape {tuple(A_scale.shape)}")
+        if A_scale.shape != A_mean.shape:
+            raise ValueError(
+                f"A_scale must have the shape of A_mean {tuple(A_mean.shape)}, got {tuple(A_scale.shape)}"
+            )
+        if X.dim() < 1 or X.size(-1) != A_mean.size(0):
+            raise ValueError(
+                f"X must have shape (..., D) with D = A_mean.size(0) = {A_mean.size(0)}, "
+                f"got shape {tuple(X.shape)}"
+            )
+        if not callable(non_linearity):
+            raise TypeError(f"non_linearity must be callable, got {type(non_linearity).__name__}")
+        rows = X.size(-2) if X.dim() >= 2 else 1
+        if dataset_size is not None:
+            if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < rows:
+                raise ValueError(
+                    f"dataset_size must be an int >= the minibatch size B = {rows}, got {dataset_size!r}"
+                )
+            if not (isinstance(KL_factor, Number) and KL_factor == 1.0):
+                raise ValueError("give either KL_factor or dataset_size, not both")
+            KL_factor = rows / dataset_size
+
+        self.X = X
+        self.A_mean = A_mean
+        self.A_scale = A_scale
+        self.non_linearity = non_linearity
+        self.KL_factor = KL_factor
+        self.A_prior_mean = A_prior_mean
+        self.A_prior_scale = A_prior_scale
+        self.include_hidden_bias = include_hidden_bias
+        self.weight_space_sampling = weight_space_sampling
+        self.dim_X = A_mean.size(0)
+        self.dim_H = A_mean.size(1)
+        # share of the KL carried by each row of the minibatch
+        self._kl_per_row = KL_factor / rows
+
+        event_shape = torch.Size([self.dim_H + int(include_hidden_bias)])
+        super().__init__(X.shape[:-1], event_shape, validate_args=validate_args)
+        if self._validate_args:
+            self._check_values()
+
+    def _check_values(self) -> None:
+        if not torch.isfinite(self.X).all():
+            raise ValueError("X contains NaN or infinite values")
+        if not torch.isfinite(self.A_mean).all():
+            raise ValueError("A_mean contains NaN or infinite values")
+        if not (self.A_scale > 0).all() or not torch.isfinite(self.A_scale).all():
+            raise ValueError("A_scale must be finite and strictly positive")
+        prior_scale = torch.as_tensor(self.A_prior_scale)
+        if not (prior_scale > 0).all():
+            raise ValueError("A_prior_scale must be strictly positive")
+        if isinstance(self.KL_factor, Number) and self.KL_factor < 0:
+            raise ValueError(f"KL_factor must be non-negative, got {self.KL_factor}")
+
+    def expand(self, batch_shape, _instance=None) -> "HiddenLayer":
+        new = self._get_checked_instance(HiddenLayer, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.X = self.X.expand(batch_shape + self.X.shape[-1:])
+        for attr in (
+            "A_mean",
+            "A_scale",
+            "non_linearity",
+            "KL_factor",
+            "A_prior_mean",
+            "A_prior_scale",
+            "include_hidden_bias",
+            "weight_space_sampling",
+            "dim_X",
+            "dim_H",
+            "_kl_per_row",
+        ):
+            setattr(new, attr, getattr(self, attr))
+        super(HiddenLayer, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @lazy_property
+    def KL(self) -> Tensor:
+        """Scalar KL of the weight distribution from the prior, summed over all ``D x H`` weights."""
+        return normal_kl(self.A_mean, self.A_scale, self.A_prior_mean, self.A_prior_scale).sum()
+
+    def pre_activation_moments(self) -> tuple[Tensor, Tensor]:
+        """Mean ``X @ A_mean`` and variance ``X**2 @ A_scale**2`` of the pre-activations, ``batch_shape x H``."""
+        return self.X @ self.A_mean, self.X.pow(2) @ self.A_scale.pow(2)
+
+    def rsample(self, sample_shape=torch.Size()) -> Tensor:
+        sample_shape = torch.Size(sample_shape)
+        if self.weight_space_sampling:
+            # one weight matrix per replica of the network (all but the minibatch dim)
+            lead = sample_shape + self.batch_shape[:-1]
+            eps = torch.randn(lead + self.A_mean.shape, dtype=self.X.dtype, device=self.X.device)
+            A = self.A_mean + eps * self.A_scale
+            X = self.X if self.batch_shape else self.X.unsqueeze(-2)
+            pre = X @ A
+            if not self.batch_shape:
+                pre = pre.squeeze(-2)
+        else:
+            mean, var = self.pre_activation_moments()
+            # clamp keeps d sqrt / d var finite for zero input rows (var == 0)
+            std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+            eps = torch.randn(sample_shape + mean.shape, dtype=mean.dtype, device=mean.device)
+            pre = mean + eps * std
+        out = self.non_linearity(pre)
+        if self.include_hidden_bias:
+            out = torch.cat([out, out.new_ones(out.shape[:-1] + (1,))], dim=-1)
+        return out
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """
+        This row's share of the folded KL, ``KL_factor * KL / B`` (positive),
+        broadcast to ``value.shape[:-1]``. ``value`` itself does not enter.
+        """
+        if self._validate_args:
+            self._validate_sample(value)
+        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        return (self._kl_per_row * self.KL).expand(shape)
+
+
+@register_kl(HiddenLayer, HiddenLayer)
+def _kl_hiddenlayer_hiddenlayer(q: HiddenLayer, p: HiddenLayer) -> Tensor:
+    """
+    Share per minibatch row of ``KL(N(q.A_mean, q.A_scale) || N(p.A_mean, p.A_scale))``,
+    scaled by ``q``'s ``KL_factor`` exactly as :meth:`HiddenLayer.log_prob`.
+    """
+    if q.A_mean.shape != p.A_mean.shape:
+        raise ValueError(
+            f"cannot compare HiddenLayers of weight shapes {tuple(q.A_mean.shape)} and {tuple(p.A_mean.shape)}"
+        )
+    kl = normal_kl(q.A_mean, q.A_scale, p.A_mean, p.A_scale).sum()
+    return (q._kl_per_row * kl).expand(q.batch_shape)
