@@ -1,0 +1,135 @@
+"""Forward+backward time and peak memory of one Bayesian layer vs a deterministic layer.
+
+Compared side by side in one run, B = 128 and D = H in {256, 1024, 2048}:
+
+* ``linear``: deterministic ``F.linear`` (the baseline);
+* ``bnnpyro``: :class:`bnnpyro.HiddenLayer` rsample (local reparameterization, two matmuls),
+  with ``A_scale`` itself the trained leaf tensor;
+* ``bnnpyro+softplus``: the same with the usual ``A_scale = softplus(A_rho)`` parameterization
+  (one more ``D x H`` elementwise pass forward and backward);
+* ``contrib``: pyro.contrib.bnn's variance formula ``((X**2)[..., None] * A_scale**2).sum(-2)``
+  (a ``B x D x H`` intermediate).
+
+Peak memory is the peak of bytes allocated by torch during one forward+backward,
+reconstructed from ``torch.profiler`` (``profile_memory=True``) by accumulating each op's own
+net allocation in the order the ops started.
+Parameters and inputs, allocated before the step, are not counted.
+
+Usage: ``python benchmarks/hidden_layer.py [--sizes 256 1024 2048] [--out results.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bnnpyro import HiddenLayer
+
+
+def _linear(X, A_mean, A_rho):
+    return F.linear(X, A_mean.t())
+
+
+def _bnnpyro(X, A_mean, A_scale):
+    return HiddenLayer(X, A_mean, A_scale, non_linearity=lambda t: t,
+                       include_hidden_bias=False, validate_args=False).rsample()
+
+
+def _bnnpyro_softplus(X, A_mean, A_rho):
+    return _bnnpyro(X, A_mean, F.softplus(A_rho))
+
+
+def _contrib(X, A_mean, A_rho):
+    mean = X @ A_mean
+    std = ((X**2).unsqueeze(-1) * F.softplus(A_rho) ** 2).sum(-2).sqrt()
+    return mean + torch.randn_like(mean) * std
+
+
+METHODS = {
+    "linear": _linear,
+    "bnnpyro": _bnnpyro,
+    "bnnpyro+softplus": _bnnpyro_softplus,
+    "contrib": _contrib,
+}
+
+
+def _step(fn, X, A_mean, A_rho):
+    fn(X, A_mean, A_rho).pow(2).mean().backward()
+
+
+def peak_memory_bytes(fn, X, A_mean, A_rho) -> int:
+    """Peak of live bytes allocated by torch during one step, from the profiler's memory events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        _step(fn, X, A_mean, A_rho)
+    # each op's own net allocation (children excluded) and the unattributed frees ("[memory]"),
+    # accumulated in the order the ops started
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 2048])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/hidden_layer.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    rows = []
+    for size in args.sizes:
+        X = torch.randn(args.batch, size)
+        A_mean = (0.01 * torch.randn(size, size)).requires_grad_()
+        # the same leaf serves as A_scale (bnnpyro) or A_rho (softplus, contrib)
+        A_rho = torch.full((size, size), 0.01, requires_grad=True)
+        times = {name: [] for name in METHODS}
+        for name, fn in METHODS.items():  # warm-up
+            _step(fn, X, A_mean, A_rho)
+        for _ in range(args.repeats):  # interleaved so that drift affects all alike
+            for name, fn in METHODS.items():
+                A_mean.grad = A_rho.grad = None
+                t0 = time.perf_counter()
+                _step(fn, X, A_mean, A_rho)
+                times[name].append(time.perf_counter() - t0)
+        ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+        mem = {name: peak_memory_bytes(fn, X, A_mean, A_rho) / 2**20 for name, fn in METHODS.items()}
+        rows.append({"B": args.batch, "D=H": size, "ms": ms, "peak_MiB": mem})
+
+    header = f"{'B':>4} {'D=H':>5} | " + " ".join(f"{n + ' ms':>{len(n) + 3}}" for n in METHODS) + " | " + \
+        " ".join(f"{n + ' MiB':>{len(n) + 4}}" for n in METHODS) + " | bnnpyro/linear time, mem (+softplus)"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        t_ratio = r["ms"]["bnnpyro"] / r["ms"]["linear"]
+        m_ratio = r["peak_MiB"]["bnnpyro"] / r["peak_MiB"]["linear"]
+        t_sp = r["ms"]["bnnpyro+softplus"] / r["ms"]["linear"]
+        m_sp = r["peak_MiB"]["bnnpyro+softplus"] / r["peak_MiB"]["linear"]
+        print(f"{r['B']:>4} {r['D=H']:>5} | " + " ".join(f"{r['ms'][n]:>{len(n) + 3}.2f}" for n in METHODS)
+              + " | " + " ".join(f"{r['peak_MiB'][n]:>{len(n) + 4}.1f}" for n in METHODS)
+              + f" | {t_ratio:.2f}x, {m_ratio:.2f}x ({t_sp:.2f}x, {m_sp:.2f}x)")
+        r["time_ratio_bnnpyro_vs_linear"] = t_ratio
+        r["memory_ratio_bnnpyro_vs_linear"] = m_ratio
+        r["time_ratio_softplus_vs_linear"] = t_sp
+        r["memory_ratio_softplus_vs_linear"] = m_sp
+    if args.out:
+        import os
+
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"threads": args.threads, "torch": torch.__version__, "rows": rows}, f, indent=2)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
