@@ -1,0 +1,282 @@
+"""A thin convenience loop over :meth:`pyro.infer.SVI.step`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import pyro
+import pyro.optim
+import torch
+from pyro.infer import SVI, TraceMeanField_ELBO
+from pyro.infer.elbo import ELBO
+from pyro.optim import PyroOptim
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
+
+from bnnpyro.infer.elbo_terms import elbo_terms
+
+
+@dataclass
+class FitHistory:
+    """
+    Per-epoch record of a :func:`fit` run. All ELBO quantities are *per datum*,
+    i.e. divided by the number ``N`` of training points.
+
+    :ivar list loss: per epoch, the negative ELBO per datum: the minibatch
+        losses returned by ``svi.step``, averaged over the epoch with the
+        minibatch sizes as weights, divided by ``N``.
+    :ivar list nll: per epoch, the expected negative log-likelihood per datum,
+        estimated by :func:`~bnnpyro.infer.elbo_terms.elbo_terms` on the
+        epoch's last minibatch.
+    :ivar list kl: per epoch, the KL of the guide from the prior per datum,
+        from the same pass.
+    :ivar list validation: the values returned by ``validation_fn``, one per
+        validation; the ``i``-th was taken after epoch
+        ``(i + 1) * validate_every - 1``.
+    :ivar best_epoch: the (0-based) epoch with the lowest validation value,
+        ``None`` without ``validation_fn``.
+    :ivar bool stopped_early: whether ``patience`` ended training before
+        ``epochs``.
+    """
+
+    loss: list[float] = field(default_factory=list)
+    nll: list[float] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    validation: list[float] = field(default_factory=list)
+    best_epoch: int | None = None
+    stopped_early: bool = False
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_pair(x: Any, y: Any, where: str) -> None:
+    """Check that ``x``, ``y`` are finite tensors of equal length."""
+    for name, value in (("x", x), ("y", y)):
+        if not torch.is_tensor(value):
+            raise TypeError(f"{name} {where} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dim() < 1:
+            raise ValueError(f"{name} {where} must have at least one dimension (the data points)")
+    if len(x) != len(y):
+        raise ValueError(f"x and y {where} must have the same length along dim 0, got {len(x)} and {len(y)}")
+    for name, value in (("x", x), ("y", y)):
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{name} {where} contains NaN or infinite values")
+
+
+def _tensor_batches(
+    x: Tensor, y: Tensor, batch_size: int | None, shuffle: bool, generator: torch.Generator | None
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Minibatches of ``(x, y)``, or the full data when ``batch_size`` covers it."""
+    if batch_size is None or batch_size >= len(x):
+        yield x, y
+        return
+    order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
+    for idx in order.split(batch_size):
+        yield x[idx], y[idx]
+
+
+def _loader_batches(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
+    """The loader's ``(x, y)`` batches, checked."""
+    for i, batch in enumerate(loader):
+        where = f"in batch {i} of the DataLoader"
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError(f"DataLoader batches must be pairs (x, y), got a {type(batch).__name__} {where}")
+        x, y = batch
+        _check_pair(x, y, where)
+        yield x, y
+
+
+def _snapshot_param_store() -> dict:
+    """A copy of the param store's state that later training does not modify."""
+    state = pyro.get_param_store().get_state()
+    params = {
+        name: p.detach().clone().requires_grad_(p.requires_grad) for name, p in state["params"].items()
+    }
+    return {"params": params, "constraints": state["constraints"]}
+
+
+def fit(
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    data: tuple[Tensor, Tensor] | DataLoader,
+    epochs: int = 100,
+    batch_size: int | None = None,
+    *,
+    optim: PyroOptim | None = None,
+    loss: ELBO | None = None,
+    seed: int | None = None,
+    shuffle: bool = True,
+    validation_fn: Callable[[int], float] | None = None,
+    validate_every: int = 1,
+    patience: int | None = None,
+    progress: bool = True,
+    clear_param_store: bool = False,
+    device: torch.device | str | None = None,
+) -> FitHistory:
+    r"""
+    Train ``guide`` for ``model`` by stochastic variational inference.
+
+    This is a convenience loop over :meth:`pyro.infer.SVI.step` and nothing
+    more; apart from bookkeeping (per-datum ELBO, its NLL/KL split, validation
+    and early stopping, a progress bar) it is equivalent to::
+
+        svi = SVI(model, guide, optim, loss)
+        for epoch in range(epochs):
+            for x_batch, y_batch in minibatches(data):
+                svi.step(x_batch, y_batch)
+
+    ``model(x, y=None)`` and ``guide(x, y=None)`` receive one *minibatch* and
+    scale it themselves, e.g. inside
+    ``pyro.plate("data", N, subsample=torch.arange(len(x)))`` so that the
+    likelihood is weighted ``N / B`` and the KL counted once; ``fit`` only
+    iterates the minibatches. Parameters live in Pyro's global param store,
+    which is updated in place.
+
+    **Reported quantities.** Each epoch records in the returned
+    :class:`FitHistory`, per datum (divided by the number ``N`` of training
+    points: ``len(x)``, ``len(data.dataset)``, or for an ``IterableDataset``
+    the number of points seen in the first epoch) the negative ELBO (the
+    minibatch losses averaged with their sizes as weights, which for a model
+    scaled as above is the full-data negative ELBO) and its split
+    ``nll + kl`` by :func:`~bnnpyro.infer.elbo_terms.elbo_terms` on the
+    epoch's last minibatch under :func:`torch.no_grad`. The progress bar
+    shows ``elbo`` (minus the loss), ``nll`` and ``kl``.
+
+    **Validation and early stopping.** ``validation_fn(epoch)`` (0-based
+    epoch; lower is better) is called after every ``validate_every``-th
+    epoch. With ``patience``, training stops once ``patience`` successive
+    validations have not improved on the best one, and the param store is
+    restored to the state of the best validation, also when all ``epochs``
+    ran. Restoring replaces the store's tensors by copies
+    (:meth:`~pyro.params.param_store.ParamStoreDict.set_state`), so an
+    optimizer reused afterwards starts fresh moment estimates.
+
+    :param callable model: Pyro model ``model(x, y=None)``.
+    :param callable guide: Pyro guide ``guide(x, y=None)``.
+    :param data: a pair ``(x, y)`` of tensors with the same length along
+        dim 0, or a :class:`~torch.utils.data.DataLoader` (map-style or over
+        an :class:`~torch.utils.data.IterableDataset`) yielding ``(x, y)``
+        batches, which is iterated as is (no in-memory copy is made).
+    :param int epochs: number of passes over ``data``. Default 100.
+    :param batch_size: minibatch size for tensor data; ``None`` (default)
+        trains on the full batch. Must be ``None`` for a DataLoader.
+    :param optim: a Pyro optimizer. Default ``pyro.optim.Adam({"lr": 1e-2})``.
+    :param loss: an ELBO. Default :class:`~pyro.infer.TraceMeanField_ELBO`.
+    :param seed: if given, ``pyro.set_rng_seed(seed)`` is called before
+        training and tensor data are shuffled with a generator seeded with it,
+        so runs are reproducible (a DataLoader's own sampler draws from the
+        seeded global generator unless given one).
+    :param bool shuffle: reshuffle tensor data every epoch (default True);
+        a DataLoader's own setting applies to it.
+    :param validation_fn: ``validation_fn(epoch) -> float``, lower is better.
+    :param int validate_every: validate after every this many epochs. Default 1.
+    :param patience: stop after this many validations without improvement
+        and restore the best parameters; requires ``validation_fn``.
+    :param bool progress: show a tqdm progress bar over epochs. Default True.
+    :param bool clear_param_store: call :func:`pyro.clear_param_store` before
+        training. Default False (continue from the current parameters).
+    :param device: if given, every batch is moved to it (the parameters are
+        created on the device of the data they are built from or initialised
+        with, which the model and guide decide).
+    :returns: the training history.
+    :rtype: FitHistory
+    :raises TypeError: if ``data`` is neither a pair of tensors nor a
+        DataLoader, or ``x``/``y`` are not tensors.
+    :raises ValueError: if ``x`` and ``y`` differ in length or contain NaN or
+        infinite values, or an integer argument is out of range.
+    """
+    _check_positive_int("epochs", epochs)
+    _check_positive_int("validate_every", validate_every)
+    if patience is not None:
+        _check_positive_int("patience", patience)
+        if validation_fn is None:
+            raise ValueError("patience requires a validation_fn")
+    if validation_fn is not None and not callable(validation_fn):
+        raise TypeError(f"validation_fn must be callable, got {type(validation_fn).__name__}")
+
+    if isinstance(data, DataLoader):
+        if batch_size is not None:
+            raise ValueError("batch_size must be None when data is a DataLoader (the loader batches)")
+        loader = data
+
+        def batches() -> Iterator[tuple[Tensor, Tensor]]:
+            return _loader_batches(loader)
+
+        num_data = None if isinstance(loader.dataset, IterableDataset) else len(loader.dataset)
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+        _check_pair(x, y, "in data")
+        if batch_size is not None:
+            _check_positive_int("batch_size", batch_size)
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+        def batches() -> Iterator[tuple[Tensor, Tensor]]:
+            return _tensor_batches(x, y, batch_size, shuffle, generator)
+
+        num_data = len(x)
+    else:
+        raise TypeError(
+            "data must be a pair (x, y) of tensors or a torch.utils.data.DataLoader, "
+            f"got {type(data).__name__}"
+        )
+
+    if clear_param_store:
+        pyro.clear_param_store()
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    svi = SVI(
+        model,
+        guide,
+        pyro.optim.Adam({"lr": 1e-2}) if optim is None else optim,
+        TraceMeanField_ELBO() if loss is None else loss,
+    )
+
+    history = FitHistory()
+    best_value = math.inf
+    best_state: dict | None = None
+    stale = 0
+    with tqdm(range(epochs), desc="fit", unit="epoch", disable=not progress) as bar:
+        for epoch in bar:
+            weighted_loss, seen = 0.0, 0
+            last_batch: tuple[Tensor, Tensor] | None = None
+            for x_batch, y_batch in batches():
+                if device is not None:
+                    x_batch, y_batch = x_batch.to(device), y_batch.to(device)
+                weighted_loss += svi.step(x_batch, y_batch) * len(x_batch)
+                seen += len(x_batch)
+                last_batch = x_batch, y_batch
+            if last_batch is None:
+                raise ValueError("data yielded no batches")
+            if num_data is None:
+                num_data = seen
+            with torch.no_grad():
+                nll, kl = elbo_terms(model, guide, *last_batch)
+            history.loss.append(weighted_loss / seen / num_data)
+            history.nll.append(nll.item() / num_data)
+            history.kl.append(kl.item() / num_data)
+            postfix = {"elbo": -history.loss[-1], "nll": history.nll[-1], "kl": history.kl[-1]}
+
+            if validation_fn is not None and (epoch + 1) % validate_every == 0:
+                value = float(validation_fn(epoch))
+                history.validation.append(value)
+                postfix["val"] = value
+                if value < best_value:
+                    best_value, history.best_epoch, stale = value, epoch, 0
+                    if patience is not None:
+                        best_state = _snapshot_param_store()
+                else:
+                    stale += 1
+            bar.set_postfix(postfix)
+            if patience is not None and stale >= patience and epoch + 1 < epochs:
+                history.stopped_early = True
+                break
+
+    if best_state is not None and history.best_epoch != epoch:
+        pyro.get_param_store().set_state(best_state)
+    return history
