@@ -10,10 +10,8 @@ Compared side by side in one run, B = 128 and D = H in {256, 1024, 2048}:
 * ``contrib``: pyro.contrib.bnn's variance formula ``((X**2)[..., None] * A_scale**2).sum(-2)``
   (a ``B x D x H`` intermediate).
 
-Peak memory is the peak of bytes allocated by torch during one forward+backward,
-reconstructed from ``torch.profiler`` (``profile_memory=True``) by accumulating each op's own
-net allocation in the order the ops started.
-Parameters and inputs, allocated before the step, are not counted.
+Peak memory is the peak resident memory added by one forward+backward (measured in a forked
+child, see ``benchmarks/_common.py``); parameters and inputs, allocated before, are not counted.
 
 Usage: ``python benchmarks/hidden_layer.py [--sizes 256 1024 2048] [--out results.json]``
 """
@@ -21,12 +19,11 @@ Usage: ``python benchmarks/hidden_layer.py [--sizes 256 1024 2048] [--out result
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+
+from _common import interleaved_median_ms, peak_memory_mib, write_json
 
 from bnnpyro import HiddenLayer
 
@@ -59,21 +56,14 @@ METHODS = {
 
 
 def _step(fn, X, A_mean, A_rho):
+    A_mean.grad = A_rho.grad = None
     fn(X, A_mean, A_rho).pow(2).mean().backward()
 
 
-def peak_memory_bytes(fn, X, A_mean, A_rho) -> int:
-    """Peak of live bytes allocated by torch during one step, from the profiler's memory events."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
-        _step(fn, X, A_mean, A_rho)
-    # each op's own net allocation (children excluded) and the unattributed frees ("[memory]"),
-    # accumulated in the order the ops started
-    live = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+def _memory(fn, X, A_mean, A_rho) -> float:
+    """Peak memory of one step, gradients included (freed before the measurement starts)."""
+    A_mean.grad = A_rho.grad = None
+    return peak_memory_mib(lambda: fn(X, A_mean, A_rho).pow(2).mean().backward())
 
 
 def main() -> None:
@@ -93,17 +83,9 @@ def main() -> None:
         A_mean = (0.01 * torch.randn(size, size)).requires_grad_()
         # the same leaf serves as A_scale (bnnpyro) or A_rho (softplus, contrib)
         A_rho = torch.full((size, size), 0.01, requires_grad=True)
-        times = {name: [] for name in METHODS}
-        for name, fn in METHODS.items():  # warm-up
-            _step(fn, X, A_mean, A_rho)
-        for _ in range(args.repeats):  # interleaved so that drift affects all alike
-            for name, fn in METHODS.items():
-                A_mean.grad = A_rho.grad = None
-                t0 = time.perf_counter()
-                _step(fn, X, A_mean, A_rho)
-                times[name].append(time.perf_counter() - t0)
-        ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
-        mem = {name: peak_memory_bytes(fn, X, A_mean, A_rho) / 2**20 for name, fn in METHODS.items()}
+        steps = {name: (lambda fn=fn: _step(fn, X, A_mean, A_rho)) for name, fn in METHODS.items()}
+        ms = interleaved_median_ms(steps, args.repeats)
+        mem = {name: _memory(fn, X, A_mean, A_rho) for name, fn in METHODS.items()}
         rows.append({"B": args.batch, "D=H": size, "ms": ms, "peak_MiB": mem})
 
     header = f"{'B':>4} {'D=H':>5} | " + " ".join(f"{n + ' ms':>{len(n) + 3}}" for n in METHODS) + " | " + \
@@ -112,9 +94,10 @@ def main() -> None:
     print("-" * len(header))
     for r in rows:
         t_ratio = r["ms"]["bnnpyro"] / r["ms"]["linear"]
-        m_ratio = r["peak_MiB"]["bnnpyro"] / r["peak_MiB"]["linear"]
+        base_mem = max(r["peak_MiB"]["linear"], 1e-2)  # RSS resolution: a few pages
+        m_ratio = r["peak_MiB"]["bnnpyro"] / base_mem
         t_sp = r["ms"]["bnnpyro+softplus"] / r["ms"]["linear"]
-        m_sp = r["peak_MiB"]["bnnpyro+softplus"] / r["peak_MiB"]["linear"]
+        m_sp = r["peak_MiB"]["bnnpyro+softplus"] / base_mem
         print(f"{r['B']:>4} {r['D=H']:>5} | " + " ".join(f"{r['ms'][n]:>{len(n) + 3}.2f}" for n in METHODS)
               + " | " + " ".join(f"{r['peak_MiB'][n]:>{len(n) + 4}.1f}" for n in METHODS)
               + f" | {t_ratio:.2f}x, {m_ratio:.2f}x ({t_sp:.2f}x, {m_sp:.2f}x)")
@@ -122,13 +105,7 @@ def main() -> None:
         r["memory_ratio_bnnpyro_vs_linear"] = m_ratio
         r["time_ratio_softplus_vs_linear"] = t_sp
         r["memory_ratio_softplus_vs_linear"] = m_sp
-    if args.out:
-        import os
-
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"threads": args.threads, "torch": torch.__version__, "rows": rows}, f, indent=2)
-        print(f"wrote {args.out}")
+    write_json(args.out, {"threads": args.threads, "torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -16,29 +16,33 @@ from torch.distributions.utils import lazy_property
 from bnnpyro.distributions.kl import normal_kl
 
 
-class _PreActivationVariance(torch.autograd.Function):
+class _PreActivationStd(torch.autograd.Function):
     r"""
-    ``var = (X * X) @ (A_scale * A_scale)`` with a hand-written backward,
-    ``dA_scale = 2 A_scale * ((X*X)^T @ g)`` and ``dX = 2 X * (g @ (A_scale*A_scale)^T)``:
-    two matmuls and one elementwise pass over ``D x H`` instead of autograd's
-    ``pow`` backward (three passes). Memory: ``batch x D`` and ``D x H``, never ``B x D x H``.
+    ``std = sqrt(max((X * X) @ (A_scale * A_scale), tiny))`` with a hand-written backward:
+    for ``g_var = g / (2 std)``, ``dA_scale = 2 A_scale * ((X*X)^T @ g_var)`` and
+    ``dX = 2 X * (g_var @ (A_scale*A_scale)^T)``. Two matmuls and one elementwise pass over
+    ``D x H`` instead of autograd's ``pow`` backward (three passes); memory ``batch x D`` and
+    ``D x H``, never ``B x D x H``. The clamp at the smallest normal float keeps the gradient of
+    an all-zero input row finite (it is then exactly zero).
     """
 
     @staticmethod
     def forward(ctx, X: Tensor, A_scale: Tensor) -> Tensor:
         X2 = X * X
         A_var = A_scale * A_scale
-        ctx.save_for_backward(X, X2, A_scale, A_var)
-        return X2 @ A_var
+        std = (X2 @ A_var).clamp_min_(torch.finfo(X.dtype).tiny).sqrt_()
+        ctx.save_for_backward(X, X2, A_scale, A_var, std)
+        return std
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        X, X2, A_scale, A_var = ctx.saved_tensors
+        X, X2, A_scale, A_var, std = ctx.saved_tensors
+        grad_var = grad / (2.0 * std)
         grad_X = grad_A_scale = None
         if ctx.needs_input_grad[0]:
-            grad_X = (grad @ A_var.t()).mul_(X).mul_(2.0)
+            grad_X = (grad_var @ A_var.t()).mul_(X).mul_(2.0)
         if ctx.needs_input_grad[1]:
-            g2 = 2.0 * grad.reshape(-1, grad.size(-1))
+            g2 = 2.0 * grad_var.reshape(-1, grad_var.size(-1))
             grad_A_scale = (X2.reshape(-1, X2.size(-1)).t() @ g2).mul_(A_scale)
         return grad_X, grad_A_scale
 
@@ -166,6 +170,7 @@ class HiddenLayer(TorchDistribution):
             KL_factor = rows / dataset_size
 
         self.X = X
+        self._X_distinct = X
         self.A_mean = A_mean
         self.A_scale = A_scale
         self.non_linearity = non_linearity
@@ -183,10 +188,13 @@ class HiddenLayer(TorchDistribution):
         if validate:
             self._check_values()
         event_shape = torch.Size([self.dim_H + int(include_hidden_bias)])
-        super().__init__(X.shape[:-1], event_shape, validate_args=validate_args)
+        # the arguments are checked above: skip torch's second pass over them
+        super().__init__(X.shape[:-1], event_shape, validate_args=False)
+        self._validate_args = validate
 
     def _check_values(self) -> None:
-        if not torch.isfinite(self.X).all():
+        # one reduction pass: NaN/inf propagate into the sum; confirm elementwise only if it is not finite
+        if not torch.isfinite(self.X.sum()) and not torch.isfinite(self.X).all():
             raise ValueError("X contains NaN or infinite values")
         if not torch.isfinite(self.A_mean).all():
             raise ValueError("A_mean contains NaN or infinite values")
@@ -202,6 +210,8 @@ class HiddenLayer(TorchDistribution):
         new = self._get_checked_instance(HiddenLayer, _instance)
         batch_shape = torch.Size(batch_shape)
         new.X = self.X.expand(batch_shape + self.X.shape[-1:])
+        # moments are computed once on the distinct rows and broadcast to the new batch shape
+        new._X_distinct = self._X_distinct
         for attr in (
             "A_mean",
             "A_scale",
@@ -229,8 +239,18 @@ class HiddenLayer(TorchDistribution):
         return normal_kl(self.A_mean, self.A_scale, self.A_prior_mean, self.A_prior_scale).sum()
 
     def pre_activation_moments(self) -> tuple[Tensor, Tensor]:
-        """Mean ``X @ A_mean`` and variance ``X**2 @ A_scale**2`` of the pre-activations, ``batch_shape x H``."""
-        return self.X @ self.A_mean, _PreActivationVariance.apply(self.X, self.A_scale)
+        """
+        Mean ``X @ A_mean`` and variance ``X**2 @ A_scale**2`` of the pre-activations,
+        broadcastable to ``batch_shape x H``. After :meth:`expand` (e.g. under a ``pyro.plate``
+        over particles or posterior samples) they are computed once on the rows of the original
+        ``X``, not once per replica.
+        """
+        mean, std = self._pre_activation_mean_std()
+        return mean, std**2
+
+    def _pre_activation_mean_std(self) -> tuple[Tensor, Tensor]:
+        X = self._X_distinct
+        return X @ self.A_mean, _PreActivationStd.apply(X, self.A_scale)
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
         sample_shape = torch.Size(sample_shape)
@@ -244,11 +264,10 @@ class HiddenLayer(TorchDistribution):
             if not self.batch_shape:
                 pre = pre.squeeze(-2)
         else:
-            mean, var = self.pre_activation_moments()
-            # clamp keeps d sqrt / d var finite for zero input rows (var == 0)
-            std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
-            eps = torch.randn(sample_shape + mean.shape, dtype=mean.dtype, device=mean.device)
-            pre = mean + eps * std
+            mean, std = self._pre_activation_mean_std()
+            shape = sample_shape + self.batch_shape + mean.shape[-1:]
+            eps = torch.randn(shape, dtype=mean.dtype, device=mean.device)
+            pre = torch.addcmul(mean, eps, std)
         out = self.non_linearity(pre)
         if self.include_hidden_bias:
             out = torch.cat([out, out.new_ones(out.shape[:-1] + (1,))], dim=-1)

@@ -11,7 +11,7 @@ import pyro.optim
 import torch
 from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.infer.elbo import ELBO
-from pyro.optim import PyroOptim
+from pyro.optim import PyroLRScheduler, PyroOptim
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
@@ -174,6 +174,9 @@ def fit(
         seeded global generator unless given one).
     :param bool shuffle: reshuffle tensor data every epoch (default True);
         a DataLoader's own setting applies to it.
+    A :class:`pyro.optim.PyroLRScheduler` ``optim`` (e.g. ``pyro.optim.ExponentialLR``) is
+    stepped once at the end of every epoch.
+
     :param validation_fn: ``validation_fn(epoch) -> float``, lower is better.
     :param int validate_every: validate after every this many epochs. Default 1.
     :param patience: stop after this many validations without improvement
@@ -257,6 +260,8 @@ def fit(
                 num_data = seen
             with torch.no_grad():
                 nll, kl = elbo_terms(model, guide, *last_batch)
+            if isinstance(svi.optim, PyroLRScheduler):
+                svi.optim.step()  # learning-rate schedules advance once per epoch
             history.loss.append(weighted_loss / seen / num_data)
             history.nll.append(nll.item() / num_data)
             history.kl.append(kl.item() / num_data)

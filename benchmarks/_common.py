@@ -1,0 +1,64 @@
+"""Shared measurement helpers for the benchmark scripts."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import re
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+_M_MMAP_THRESHOLD = -3
+
+
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) / 1024
+
+
+def peak_memory_mib(fn: Callable[[], object]) -> float:
+    """Peak resident memory added by one call of ``fn()``, in MiB (Linux).
+
+    Resets the process's peak RSS (``/proc/self/clear_refs``), calls ``fn``, and returns the new
+    peak (``VmHWM``) minus the RSS before the call. Run ``fn`` once beforehand so that lazy
+    initialisation is not counted. Large tensors are ``mmap``-ed and returned to the OS when freed,
+    so this tracks live tensor memory to within a few MiB.
+    """
+    # serve every allocation of 4 KiB or more by mmap (returned to the OS on free), so that reuse of
+    # freed heap memory does not hide small tensors; this slows allocation, so timings come first
+    ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 4096)
+    gc.collect()
+    base = _status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn()
+    return max(_status_mib("VmHWM") - base, 0.0)
+
+
+def interleaved_median_ms(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall-clock ms of each ``fn``, run round-robin so that drift affects all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def write_json(path: str, payload: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"wrote {path}")

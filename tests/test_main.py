@@ -1,0 +1,44 @@
+"""The main job (`bnnpyro` / `python -m bnnpyro`) runs end to end with small settings."""
+
+import subprocess
+import sys
+
+import pyro
+import pytest
+
+from bnnpyro.__main__ import main
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+def _metrics(out: str) -> dict[str, float]:
+    values = {}
+    for line in out.splitlines():
+        for key in ("test RMSE", "test log-likelihood", "95% coverage", "mean interval width"):
+            if line.startswith(key):
+                values[key] = float(line.split()[-1])
+    return values
+
+
+@pytest.mark.parametrize("guide", ["hand", "auto-normal", "auto-lowrank"])
+def test_main_job_prints_metrics_and_writes_plot(tmp_path, capsys, guide):
+    plot = tmp_path / "pred.png"
+    assert main(["--data", "yacht", "--epochs", "40", "--guide", guide, "--plot", str(plot),
+                 "--no-progress", "--num-samples", "100"]) == 0
+    metrics = _metrics(capsys.readouterr().out)
+    assert set(metrics) == {"test RMSE", "test log-likelihood", "95% coverage", "mean interval width"}
+    assert 0 < metrics["test RMSE"] < 15  # yacht target std ~15
+    assert 0 <= metrics["95% coverage"] <= 1 and metrics["mean interval width"] > 0
+    assert plot.stat().st_size > 1000
+
+
+def test_help_documents_the_options():
+    out = subprocess.run([sys.executable, "-m", "bnnpyro", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for option in ("--data", "--split", "--model", "--guide", "--epochs", "--seed", "--device", "--plot"):
+        assert option in out
