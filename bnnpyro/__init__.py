@@ -4,6 +4,7 @@ from bnnpyro import data, distributions, infer, models, predict
 from bnnpyro.distributions import HiddenLayer
 from bnnpyro.infer import fit
 from bnnpyro.predict import sample_predictive
+from bnnpyro.serialization import load, save
 
 __version__ = "0.1.0"
 
@@ -13,8 +14,10 @@ __all__ = [
     "distributions",
     "fit",
     "infer",
+    "load",
     "models",
     "predict",
     "sample_predictive",
+    "save",
     "__version__",
 ]

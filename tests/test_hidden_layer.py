@@ -398,7 +398,7 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="X contains NaN"):
         HiddenLayer(Xn, A_mean, A_scale, validate_args=True)
     with pytest.raises(ValueError, match="dataset_size must be"):
-        HiddenLayer(X, A_mean, A_scale, dataset_size=3)
+        HiddenLayer(X, A_mean, A_scale, dataset_size=0)
     with pytest.raises(ValueError, match="either KL_factor or dataset_size"):
         HiddenLayer(X, A_mean, A_scale, KL_factor=0.5, dataset_size=10)
     with pytest.raises(ValueError, match="weight shapes"):

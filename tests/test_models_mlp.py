@@ -126,7 +126,7 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="x contains NaN"):
         m.guide(torch.full((5, 3), float("nan")))
     with pytest.raises(ValueError, match="dataset_size is 10"):
-        m.guide(torch.randn(11, 3))
+        m.guide(torch.randn(11, 3), torch.randn(11))
     with pytest.raises(ValueError, match=r"y must have shape \(5,\)"):
         m.model(x, torch.randn(5, 1))
     with pytest.raises(TypeError, match="y must be a floating-point"):

@@ -161,10 +161,8 @@ class HiddenLayer(TorchDistribution):
             raise TypeError(f"non_linearity must be callable, got {type(non_linearity).__name__}")
         rows = X.size(-2) if X.dim() >= 2 else 1
         if dataset_size is not None:
-            if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < rows:
-                raise ValueError(
-                    f"dataset_size must be an int >= the minibatch size B = {rows}, got {dataset_size!r}"
-                )
+            if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
+                raise ValueError(f"dataset_size must be a positive int, got {dataset_size!r}")
             if not (isinstance(KL_factor, Number) and KL_factor == 1.0):
                 raise ValueError("give either KL_factor or dataset_size, not both")
             KL_factor = rows / dataset_size

@@ -125,12 +125,12 @@ class _HiddenLayerMLP(nn.Module):
     def _plate(self, x: Tensor) -> pyro.plate:
         return pyro.plate("data", self.dataset_size, subsample=torch.arange(x.size(0), device=x.device))
 
-    def _check_x(self, x: Tensor) -> None:
+    def _check_x(self, x: Tensor, training: bool) -> None:
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
         if x.dim() != 2 or x.size(-1) != self.in_features:
             raise ValueError(f"x must be B x {self.in_features}, got shape {tuple(x.shape)}")
-        if x.size(0) > self.dataset_size:
+        if training and x.size(0) > self.dataset_size:
             raise ValueError(
                 f"the batch has {x.size(0)} rows but dataset_size is {self.dataset_size}: "
                 "dataset_size must be the size of the whole training set"
@@ -147,7 +147,7 @@ class _HiddenLayerMLP(nn.Module):
 
     def model(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Pyro model: prior layers, then ``y ~ likelihood(f)``. ``x``: ``B x in_features``."""
-        self._check_x(x)
+        self._check_x(x, training=y is not None)
         if y is not None:
             self._check_y(x, y)
         pyro.module(self._pyro_name, self)
@@ -166,7 +166,7 @@ class _HiddenLayerMLP(nn.Module):
 
     def guide(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Pyro guide: mean-field Normal over every weight, sampled by local reparameterization."""
-        self._check_x(x)
+        self._check_x(x, training=y is not None)
         pyro.module(self._pyro_name, self)
         X = torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
         with self._plate(x):

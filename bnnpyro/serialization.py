@@ -1,0 +1,137 @@
+"""Save and load a trained model (and its autoguide) as one self-describing file."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any
+
+import pyro
+import torch
+from pyro.infer import autoguide as pyro_autoguide
+from torch import nn
+
+FORMAT_VERSION = 1
+_MAGIC = "bnnpyro-checkpoint"
+_GUIDE_CLASSES = ("AnalyticAutoNormal", "AutoNormal", "AutoDiagonalNormal", "AutoLowRankMultivariateNormal")
+_guide_counter = itertools.count()
+
+
+def _model_classes() -> dict[str, type]:
+    from bnnpyro import models, nn as bnn
+
+    classes = {name: getattr(models, name) for name in models.__all__}
+    for name in ("BayesianMLP",):
+        if hasattr(bnn, name):
+            classes[name] = getattr(bnn, name)
+    return classes
+
+
+def _guide_class(name: str) -> type:
+    from bnnpyro.infer import AnalyticAutoNormal
+
+    if name == "AnalyticAutoNormal":
+        return AnalyticAutoNormal
+    return getattr(pyro_autoguide, name)
+
+
+def _guide_config(guide: nn.Module) -> dict[str, Any]:
+    if type(guide).__name__ == "AutoLowRankMultivariateNormal":
+        return {"rank": int(guide.rank)}
+    return {}
+
+
+def make_unique(guide: nn.Module) -> nn.Module:
+    """Give an (uninitialised) autoguide a name of its own in Pyro's param store, so that several
+    guides with the same site names can live in one process without sharing parameters."""
+    if getattr(guide, "prototype_trace", None) is not None:
+        raise ValueError("make_unique must be called before the guide is first run")
+    guide._pyro_name = f"{type(guide).__name__}_{next(_guide_counter)}"
+    return guide
+
+
+def save(path: str | os.PathLike, model: nn.Module, guide: nn.Module | None = None) -> None:
+    """
+    Write ``model`` (its configuration, prior and learned parameters) and, for the autoguide
+    track, ``guide`` (its class, configuration and parameters) to one file at ``path``.
+
+    :param model: a catalogue model (:mod:`bnnpyro.models`, whose hand-written guide's parameters
+        live in the model) or a :class:`bnnpyro.nn.BayesianMLP`.
+    :param guide: the autoguide trained for ``model`` (``AnalyticAutoNormal``, ``AutoNormal``,
+        ``AutoDiagonalNormal`` or ``AutoLowRankMultivariateNormal``), or ``None``.
+
+    The file holds only tensors, strings, numbers and lists, so it loads with
+    ``torch.load(path, weights_only=True)``.
+    """
+    name = type(model).__name__
+    if name not in _model_classes() or not hasattr(model, "config"):
+        raise TypeError(f"model must be a bnnpyro catalogue model or bnnpyro.nn.BayesianMLP, got {name}")
+    if model.config.get("non_linearity", "") is None:
+        raise ValueError("cannot save a model built with a callable non_linearity: pass its name, e.g. 'relu'")
+    payload: dict[str, Any] = {
+        "format": _MAGIC,
+        "version": FORMAT_VERSION,
+        "model_class": name,
+        "config": dict(model.config),
+        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "guide_class": None,
+        "guide_config": {},
+        "guide_state": {},
+    }
+    if guide is not None:
+        guide_name = type(guide).__name__
+        if guide_name not in _GUIDE_CLASSES:
+            raise TypeError(f"guide must be one of {_GUIDE_CLASSES} or None, got {guide_name}")
+        if getattr(guide, "prototype_trace", None) is None:
+            raise ValueError("the guide has not been run yet: there are no parameters to save")
+        payload["guide_class"] = guide_name
+        payload["guide_config"] = _guide_config(guide)
+        payload["guide_state"] = {k: v.detach().cpu() for k, v in guide.state_dict().items()}
+    torch.save(payload, path)
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device | None = None):
+    """
+    Read a file written by :func:`save`. Returns the model, or ``(model, guide)`` when a guide was
+    saved. Nothing touches Pyro's global param store until the returned objects are used (each
+    gets a param-store name of its own), so loaded models never clash with each other or with
+    models already in the process; training resumes with a new ``SVI`` on them.
+
+    :raises ValueError: if the file is not a bnnpyro checkpoint, is corrupted, or its parameters
+        do not match its configuration. Nothing is returned half-loaded.
+    """
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch raises several types for unreadable files
+        raise ValueError(f"{os.fspath(path)!r} is not a readable bnnpyro checkpoint: {e}") from e
+    if not isinstance(payload, dict) or payload.get("format") != _MAGIC:
+        raise ValueError(f"{os.fspath(path)!r} is not a bnnpyro checkpoint")
+    if payload.get("version") != FORMAT_VERSION:
+        raise ValueError(f"unsupported checkpoint version {payload.get('version')!r}; expected {FORMAT_VERSION}")
+    classes = _model_classes()
+    if payload.get("model_class") not in classes:
+        raise ValueError(f"unknown model class {payload.get('model_class')!r} in {os.fspath(path)!r}")
+    try:
+        model = classes[payload["model_class"]](**payload["config"])
+        model.load_state_dict(payload["model_state"], strict=True)
+    except (TypeError, RuntimeError, KeyError) as e:
+        raise ValueError(f"checkpoint {os.fspath(path)!r} does not match its model configuration: {e}") from e
+    if map_location is not None:
+        model = model.to(map_location)
+    if payload.get("guide_class") is None:
+        return model
+    if payload["guide_class"] not in _GUIDE_CLASSES:
+        raise ValueError(f"unknown guide class {payload['guide_class']!r}")
+    guide = make_unique(_guide_class(payload["guide_class"])(model, **payload["guide_config"]))
+    try:
+        # build the guide's parameters from one dummy forward of the model, then overwrite them
+        dummy = torch.zeros(1, model.in_features, device=next(iter(model.buffers()), torch.zeros(())).device)
+        with pyro.poutine.block(), torch.no_grad():
+            guide._setup_prototype(dummy)
+            guide(dummy)
+        guide.load_state_dict(payload["guide_state"], strict=True)
+    except (TypeError, RuntimeError, KeyError) as e:
+        raise ValueError(f"checkpoint {os.fspath(path)!r}: guide parameters do not match the model: {e}") from e
+    return model, guide
