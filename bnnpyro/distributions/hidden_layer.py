@@ -191,14 +191,18 @@ class HiddenLayer(TorchDistribution):
         self._validate_args = validate
 
     def _check_values(self) -> None:
-        # one reduction pass: NaN/inf propagate into the sum; confirm elementwise only if it is not finite
-        if not torch.isfinite(self.X.sum()) and not torch.isfinite(self.X).all():
+        # fast path, one fused check: NaN/inf propagate into the sums
+        total = self.X.sum() + self.A_mean.sum() + self.A_scale.sum()
+        prior_scale = torch.as_tensor(self.A_prior_scale)
+        if bool(torch.isfinite(total)) and bool(self.A_scale.min() > 0) and bool((prior_scale > 0).all()):
+            if not (isinstance(self.KL_factor, Number) and self.KL_factor < 0):
+                return
+        if not torch.isfinite(self.X).all():
             raise ValueError("X contains NaN or infinite values")
         if not torch.isfinite(self.A_mean).all():
             raise ValueError("A_mean contains NaN or infinite values")
         if not (self.A_scale > 0).all() or not torch.isfinite(self.A_scale).all():
             raise ValueError("A_scale must be finite and strictly positive")
-        prior_scale = torch.as_tensor(self.A_prior_scale)
         if not (prior_scale > 0).all():
             raise ValueError("A_prior_scale must be strictly positive")
         if isinstance(self.KL_factor, Number) and self.KL_factor < 0:

@@ -1,0 +1,190 @@
+r"""
+A Bayesian MLP as a Pyro model, for Pyro's autoguides and ELBOs.
+
+Every weight and bias is a global sample site (:class:`~bnnpyro.nn.linear.BayesianLinear`),
+the likelihood is observed in a subsampled data plate, so that a plain SVI loop over
+mini-batches of ``B`` out of ``N`` points optimizes the full-data ELBO (Blundell et al., 2015,
+eq. 8 with the KL counted once):
+
+.. math::
+
+    -\mathrm{ELBO} = \frac{N}{B} \sum_{n \in \text{batch}} \mathbb E_{q(w)}[-\log p(y_n \mid x_n, w)]
+                     + \mathrm{KL}(q(w) \,\Vert\, p(w)).
+
+Reference: Blundell, C., Cornebise, J., Kavukcuoglu, K., Wierstra, D. (2015). Weight
+uncertainty in neural networks. ICML.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule, PyroParam
+from torch import Tensor, nn
+from torch.distributions import constraints
+
+from bnnpyro.distributions.priors import Prior
+from bnnpyro.nn.linear import BayesianLinear
+
+LIKELIHOODS = ("regression", "classification")
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class BayesianMLP(PyroModule):
+    r"""
+    ``in_features -> hidden... -> out_features`` network of :class:`BayesianLinear` layers
+    (sites ``layers.<i>.weight`` / ``layers.<i>.bias``) with ``non_linearity`` between them,
+    and a likelihood; ``forward(x, y=None)`` is a Pyro model.
+
+    *Likelihood* (site ``obs``, in ``pyro.plate("data", N, subsample=arange(B), dim=-1)``,
+    which scales it by ``N / B`` with ``N = dataset_size``, default the batch size):
+
+    - ``"regression"``: :math:`y_n \sim \mathcal N(f(x_n), \sigma^2)`, ``Normal(f.squeeze(-1),
+      sigma)`` with ``y`` of shape ``B`` if ``out_features == 1``, else
+      ``Normal(f, sigma).to_event(1)`` with ``y`` ``B x out``. :math:`\sigma` is a learned
+      :class:`~pyro.nn.PyroParam` ``sigma`` (positive, initial value 1), or the constant
+      ``noise_scale`` (a buffer ``sigma``).
+    - ``"classification"``: ``Categorical(logits=f)``, ``y`` int64 of shape ``B`` in
+      ``0 .. out_features - 1``.
+
+    The network output is also recorded inside the plate as ``pyro.deterministic("f", f,
+    event_dim=1)``, so ``pyro.infer.Predictive`` returns it, and is returned by ``forward``.
+    The network is evaluated outside the plate, so each weight's KL is counted once per step.
+
+    *Posterior draws.* Under outer plates (``Predictive(..., parallel=True)``, or an ELBO with
+    ``vectorize_particles=True``) the weights have batch shape ``*P x 1`` (the 1 standing for
+    the data plate) and the layers output ``*P x 1 x B x out``; the model drops that singleton
+    so that ``f`` is ``*P x B x out`` (e.g. ``S x B x out`` from ``Predictive``), aligned with
+    the plates. Weights conditioned to stacked draws ``S x out x in`` give ``S x B x out`` too.
+
+    Parameters live in Pyro's global param store under the module's site names, and, as for
+    every :class:`~pyro.nn.PyroModule`, a value already in the store takes precedence over
+    the module's (e.g. after ``load_state_dict``): clear the store
+    (``pyro.clear_param_store()``) or enable ``pyro.settings.set(module_local_params=True)``.
+
+    :param in_features: input width ``D``.
+    :param out_features: output width: 1 (or more) regression targets, or the number of classes.
+    :param hidden: widths of the hidden layers.
+    :param non_linearity: elementwise activation between layers.
+    :param dataset_size: ``N``, the number of training points; ``None`` for the batch size.
+    :param prior: i.i.d. prior of every weight and bias; ``None`` for a zero-mean Normal.
+    :param prior_scale: scale of that Normal, or ``"fan_in"`` for ``1/sqrt(fan-in)`` per layer.
+    :param likelihood: ``"regression"`` or ``"classification"``.
+    :param noise_scale: fixed observation noise of the regression likelihood; ``None`` learns it.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: Sequence[int] = (50,),
+        non_linearity: Callable[[Tensor], Tensor] = torch.relu,
+        dataset_size: Optional[int] = None,
+        prior: Optional[Prior] = None,
+        prior_scale: float | str = 1.0,
+        likelihood: str = "regression",
+        noise_scale: Optional[float] = None,
+        *,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = _positive_int("in_features", in_features)
+        self.out_features = _positive_int("out_features", out_features)
+        self.hidden = tuple(_positive_int("hidden", h) for h in hidden)
+        self.dataset_size = None if dataset_size is None else _positive_int("dataset_size", dataset_size)
+        if not callable(non_linearity):
+            raise ValueError(f"non_linearity must be callable, got {non_linearity!r}")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if likelihood == "classification" and noise_scale is not None:
+            raise ValueError("noise_scale is only used with likelihood='regression'")
+        self.non_linearity = non_linearity
+        self.likelihood = likelihood
+        widths = (in_features, *self.hidden, out_features)
+        self.layers = PyroModule[nn.ModuleList](
+            [
+                BayesianLinear(d_in, d_out, prior=prior, prior_scale=prior_scale, device=device, dtype=dtype)
+                for d_in, d_out in zip(widths[:-1], widths[1:])
+            ]
+        )
+        if likelihood == "regression":
+            dtype = dtype if dtype is not None else torch.get_default_dtype()
+            if noise_scale is None:
+                self.sigma = PyroParam(torch.ones((), device=device, dtype=dtype), constraints.positive)
+            elif isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or not noise_scale > 0:
+                raise ValueError(f"noise_scale must be a positive number or None, got {noise_scale!r}")
+            else:
+                self.register_buffer("sigma", torch.tensor(float(noise_scale), device=device, dtype=dtype))
+
+    def net(self, x: Tensor) -> Tensor:
+        """The network ``x -> f``: ``B x in`` -> ``*S x B x out`` (``*S``: the weights' sample dims)."""
+        for i, layer in enumerate(self.layers):
+            if i:
+                x = self.non_linearity(x)
+            x = layer(x)
+        return x
+
+    def _check_inputs(self, x: Tensor, y: Optional[Tensor]) -> None:
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 2 or x.shape[1] != self.in_features:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be a float tensor of shape B x {self.in_features}, got {shape}")
+        batch = x.shape[0]
+        if batch == 0:
+            raise ValueError("x must have at least one row")
+        if torch.isnan(x).any():
+            raise ValueError("x contains NaN")
+        if self.dataset_size is not None and self.dataset_size < batch:
+            raise ValueError(f"dataset_size ({self.dataset_size}) is smaller than the batch size ({batch})")
+        if y is None:
+            return
+        if not isinstance(y, Tensor):
+            raise ValueError(f"y must be a tensor or None, got {type(y).__name__}")
+        if self.likelihood == "classification":
+            if y.dtype != torch.int64 or y.shape != (batch,):
+                raise ValueError(f"y must be an int64 tensor of shape ({batch},), got {y.dtype} {tuple(y.shape)}")
+            if ((y < 0) | (y >= self.out_features)).any():
+                raise ValueError(f"y labels must be in 0 .. {self.out_features - 1}")
+            return
+        expected = (batch,) if self.out_features == 1 else (batch, self.out_features)
+        if not y.is_floating_point() or y.shape != expected:
+            raise ValueError(f"y must be a float tensor of shape {expected}, got {y.dtype} {tuple(y.shape)}")
+        if torch.isnan(y).any():
+            raise ValueError("y contains NaN")
+
+    def forward(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        """
+        The model: ``x`` ``B x in`` (float), ``y`` as documented or ``None`` (then ``obs`` is
+        sampled). Returns ``f``: ``B x out``, or ``*P x B x out`` under outer plates.
+
+        Raises:
+            ValueError: ``x`` not a ``B x in_features`` float tensor, NaN in ``x`` or ``y``,
+                ``y`` of the wrong shape or dtype, labels out of range, ``dataset_size < B``.
+        """
+        self._check_inputs(x, y)
+        batch = x.shape[0]
+        f = self.net(x)
+        if f.dim() > 2 and f.shape[-3] == 1:
+            f = f.squeeze(-3)  # the weights' placeholder dim of the data plate, see the class docstring
+        size = self.dataset_size or batch
+        with pyro.plate("data", size, subsample=torch.arange(batch, device=x.device), dim=-1):
+            pyro.deterministic("f", f, event_dim=1)
+            if self.likelihood == "classification":
+                likelihood = dist.Categorical(logits=f)
+            elif self.out_features == 1:
+                likelihood = dist.Normal(f.squeeze(-1), self.sigma)
+            else:
+                likelihood = dist.Normal(f, self.sigma).to_event(1)
+            pyro.sample("obs", likelihood, obs=y)
+        return f
+
+    def extra_repr(self) -> str:
+        return f"likelihood={self.likelihood!r}, dataset_size={self.dataset_size}"

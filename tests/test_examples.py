@@ -1,0 +1,36 @@
+"""Every example runs with small settings and prints sensible metrics."""
+
+import importlib.util
+from pathlib import Path
+
+import pyro
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+def test_mlp_regression_example(tmp_path):
+    m = _load("mlp_regression").main(["--epochs", "150", "--num-samples", "200", "--plot", str(tmp_path / "a.png")])
+    assert 0.85 < m["coverage_95"] <= 1.0
+    assert m["width_outside"] > 3 * m["width_inside"]
+    assert (tmp_path / "a.png").exists()
+
+
+def test_mlp_classification_example(tmp_path):
+    m = _load("mlp_classification").main(["--epochs", "15", "--num-samples", "50", "--plot", str(tmp_path / "b.png")])
+    assert m["accuracy"] > 0.85 and m["mi_ood"] > m["mi_in"]
+    assert (tmp_path / "b.png").exists()
