@@ -55,10 +55,11 @@ def interleaved_median_ms(fns: dict[str, Callable[[], object]], repeats: int, wa
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
-def write_json(path: str, payload: dict) -> None:
+def write_json(path: str, payload: dict, verbose: bool = True) -> None:
     if not path:
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
-    print(f"wrote {path}")
+    if verbose:
+        print(f"wrote {path}")
