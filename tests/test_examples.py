@@ -34,3 +34,20 @@ def test_mlp_classification_example(tmp_path):
     m = _load("mlp_classification").main(["--epochs", "15", "--num-samples", "50", "--plot", str(tmp_path / "b.png")])
     assert m["accuracy"] > 0.85 and m["mi_ood"] > m["mi_in"]
     assert (tmp_path / "b.png").exists()
+
+
+def test_lstm_digits_example(tmp_path):
+    m = _load("lstm_digits").main(["--epochs", "5", "--num-predictions", "10", "--threads", "1",
+                                    "--plot", str(tmp_path / "c.png")])
+    # measured after 5 epochs: accuracy ~0.88, MI 0.02 in-distribution vs 0.05 with rows shuffled
+    assert m["accuracy"] > 0.6
+    assert m["mi_rows_shuffled"] > m["mi_in"]
+    assert (tmp_path / "c.png").exists()
+
+
+def test_char_lm_example(tmp_path):
+    m = _load("char_lm").main(["--epochs", "1", "--max-sequences", "200", "--hidden-size", "32",
+                                "--num-predictions", "2", "--generate", "20", "--threads", "1",
+                                "--plot", str(tmp_path / "d.png")])
+    # measured: 62 before training, ~45 after one short epoch
+    assert m["val_perplexity"] < 0.9 * m["val_perplexity_init"]

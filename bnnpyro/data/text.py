@@ -15,7 +15,7 @@ from torch import Tensor
 
 __all__ = ["CharVocab", "TEXT_DATASETS", "char_lm_batches", "load_text"]
 
-_BUNDLED = Path(__file__).resolve().parent / "text" / "tinyshakespeare_excerpt.txt"
+_BUNDLED = Path(__file__).resolve().parent / "corpora" / "tinyshakespeare_excerpt.txt"
 _SHARED = (
     Path("../shared/data/text/tinyshakespeare.txt"),
     Path("/work/shared/data/text/tinyshakespeare.txt"),

@@ -1,5 +1,11 @@
 """The model catalogue: ready model/guide pairs for SVI."""
 
+from bnnpyro.models.lstm import BayesianLSTMClassifier, BayesianLSTMLanguageModel
 from bnnpyro.models.mlp import BayesianMLPClassifier, BayesianMLPRegressor
 
-__all__ = ["BayesianMLPClassifier", "BayesianMLPRegressor"]
+__all__ = [
+    "BayesianLSTMClassifier",
+    "BayesianLSTMLanguageModel",
+    "BayesianMLPClassifier",
+    "BayesianMLPRegressor",
+]

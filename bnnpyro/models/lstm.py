@@ -165,7 +165,9 @@ class _BayesianLSTMNet(nn.Module):
         if isinstance(prior, Mapping):
             prior = Prior(**prior)
         if not isinstance(prior, Prior):
-            raise TypeError(f"prior must be a bnnpyro.distributions.Prior or a dict of its fields, got {type(prior).__name__}")
+            raise TypeError(
+                f"prior must be a bnnpyro.distributions.Prior or a dict of its fields, got {type(prior).__name__}"
+            )
         if not (isinstance(prior_scale, (int, float)) and prior_scale > 0):
             raise ValueError(f"prior_scale must be a positive float, got {prior_scale!r}")
         if not (isinstance(init_scale, (int, float)) and init_scale > 0):
@@ -250,7 +252,6 @@ class _BayesianLSTMNet(nn.Module):
                            include_hidden_bias=False, A_prior_mean=self.out_prior_mean,
                            A_prior_scale=self.out_prior_scale, **kl_scaling)
 
-    @torch.no_grad()
     def _sampled_outputs(self, x: Tensor, num_predictions: int) -> Tensor:
         """``S x B x T x H`` LSTM outputs, one posterior weight draw per ``s`` (dropout off)."""
         return torch.stack([self.encoder.run(self.posterior.rsample(), x, training=False)[0]
@@ -301,8 +302,10 @@ class BayesianLSTMClassifier(_BayesianLSTMNet):
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         if (vocab_size is None) == (input_size is None):
             raise ValueError("give exactly one of vocab_size (token inputs) and input_size (float inputs)")
-        if vocab_size is not None and embedding_dim is None:
-            raise ValueError("embedding_dim is required with vocab_size")
+        if vocab_size is not None:
+            if embedding_dim is None:
+                raise ValueError("embedding_dim is required with vocab_size")
+            _positive_int("embedding_dim", embedding_dim)
         if input_size is not None and embedding_dim is not None:
             raise ValueError("embedding_dim is only used with vocab_size, not with input_size")
         super().__init__(out_features=num_classes, hidden_size=hidden_size, dataset_size=dataset_size,
