@@ -37,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", type=int, default=0, help="which of the fixed splits (0-19)")
     parser.add_argument("--model", default="mlp", choices=["mlp"], help="catalogue model")
     parser.add_argument("--guide", default="hand", choices=["hand", "auto-normal", "auto-lowrank"],
-                        help="hand-written local-reparameterization guide, or a Pyro autoguide "
-                             "over bnnpyro.nn.BayesianMLP")
+                        help="hand-written local-reparameterization guide (bnnpyro.models), or an "
+                             "autoguide over bnnpyro.nn.BayesianMLP: auto-normal = "
+                             "bnnpyro.infer.AnalyticAutoNormal (AutoNormal with closed-form KL), "
+                             "auto-lowrank = AutoLowRankMultivariateNormal")
     parser.add_argument("--hidden", type=int, nargs="+", default=[50], help="hidden layer widths")
     parser.add_argument("--epochs", type=int, default=400, help="passes over the training set")
     parser.add_argument("--batch-size", type=int, default=32, help="minibatch size")
@@ -63,17 +65,19 @@ def _build(args, d, N):
         m = BayesianMLPRegressor(in_features, hidden=args.hidden, dataset_size=N,
                                  prior_scale=args.prior_scale).to(args.device)
         return m.model, m.guide, m.mean_and_scale
-    from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal, init_to_sample
+    from pyro.infer.autoguide import AutoLowRankMultivariateNormal
 
+    from bnnpyro.infer import AnalyticAutoNormal
     from bnnpyro.nn import BayesianMLP
+    from bnnpyro.serialization import make_unique
 
     net = BayesianMLP(in_features, 1, hidden=args.hidden, dataset_size=N,
                       prior_scale=args.prior_scale).to(args.device)
     if args.guide == "auto-normal":
-        guide = AutoNormal(net, init_scale=1e-2)
+        guide = AnalyticAutoNormal(net, init_scale=1e-2)
     else:
-        guide = AutoLowRankMultivariateNormal(net, init_scale=1e-2, init_loc_fn=init_to_sample)
-    return net, guide, net.mean_and_scale
+        guide = AutoLowRankMultivariateNormal(net, init_scale=1e-2)
+    return net, make_unique(guide), net.mean_and_scale
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,14 @@ def make_unique(guide: nn.Module) -> nn.Module:
     return guide
 
 
+def _dummy_batch(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """One observed data point of the right shapes, to build an autoguide's parameters."""
+    x = torch.zeros(1, model.in_features)
+    if model.likelihood == "classification":
+        return x, torch.zeros(1, dtype=torch.long)
+    return x, torch.zeros(1) if model.out_features == 1 else torch.zeros(1, model.out_features)
+
+
 def save(path: str | os.PathLike, model: nn.Module, guide: nn.Module | None = None) -> None:
     """
     Write ``model`` (its configuration, prior and learned parameters) and, for the autoguide
@@ -127,10 +135,10 @@ def load(path: str | os.PathLike, map_location: str | torch.device | None = None
     guide = make_unique(_guide_class(payload["guide_class"])(model, **payload["guide_config"]))
     try:
         # build the guide's parameters from one dummy forward of the model, then overwrite them
-        dummy = torch.zeros(1, model.in_features, device=next(iter(model.buffers()), torch.zeros(())).device)
+        x, y = _dummy_batch(model)
         with pyro.poutine.block(), torch.no_grad():
-            guide._setup_prototype(dummy)
-            guide(dummy)
+            guide._setup_prototype(x, y)
+            guide(x, y)
         guide.load_state_dict(payload["guide_state"], strict=True)
     except (TypeError, RuntimeError, KeyError) as e:
         raise ValueError(f"checkpoint {os.fspath(path)!r}: guide parameters do not match the model: {e}") from e

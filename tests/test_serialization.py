@@ -91,3 +91,25 @@ def test_corrupted_or_mismatched_files_raise(tmp_path):
         bnnpyro.load(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="callable non_linearity"):
         bnnpyro.save(path, BayesianMLPRegressor(3, dataset_size=10, non_linearity=torch.tanh))
+
+
+@pytest.mark.parametrize("guide_name", ["AnalyticAutoNormal", "AutoLowRankMultivariateNormal"])
+def test_autoguide_round_trip(tmp_path, guide_name):
+    from pyro.infer.autoguide import AutoLowRankMultivariateNormal
+
+    from bnnpyro.infer import AnalyticAutoNormal
+    from bnnpyro.nn import BayesianMLP
+
+    cls = AnalyticAutoNormal if guide_name == "AnalyticAutoNormal" else AutoLowRankMultivariateNormal
+    x = torch.randn(40, 3)
+    net = BayesianMLP(3, 1, hidden=(6,), dataset_size=40, prior_scale="fan_in")
+    guide = cls(net, init_scale=0.1)
+    fit(net, guide, (x, x.sum(-1)), epochs=10, seed=0, progress=False)
+    pyro.set_rng_seed(3)
+    ref = sample_predictive(net, guide, x, 10)["f"]
+    bnnpyro.save(tmp_path / "g.pt", net, guide)
+    pyro.clear_param_store()  # PyroModule parameters (the noise scale) live in the param store
+    net2, guide2 = bnnpyro.load(tmp_path / "g.pt")
+    assert type(guide2) is cls and net2.config == net.config
+    pyro.set_rng_seed(3)
+    torch.testing.assert_close(sample_predictive(net2, guide2, x, 10)["f"], ref, rtol=0, atol=0)

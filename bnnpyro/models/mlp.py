@@ -13,15 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnnpyro.distributions import HiddenLayer, normal_kl
-
-NON_LINEARITIES: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": torch.relu,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "elu": F.elu,
-    "gelu": F.gelu,
-    "softplus": F.softplus,
-}
+from bnnpyro.nn.activations import resolve_non_linearity
 
 _instance_counter = itertools.count()
 
@@ -71,16 +63,7 @@ class _HiddenLayerMLP(nn.Module):
         hidden = tuple(hidden)
         if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
             raise ValueError(f"hidden must be a sequence of positive ints, got {hidden!r}")
-        if isinstance(non_linearity, str):
-            if non_linearity not in NON_LINEARITIES:
-                raise ValueError(
-                    f"non_linearity must be one of {sorted(NON_LINEARITIES)} or a callable, got {non_linearity!r}"
-                )
-            self._non_linearity = NON_LINEARITIES[non_linearity]
-        elif callable(non_linearity):
-            self._non_linearity = non_linearity
-        else:
-            raise TypeError(f"non_linearity must be a str or callable, got {type(non_linearity).__name__}")
+        self._non_linearity = resolve_non_linearity(non_linearity)
         if not (prior_scale == "fan_in" or (isinstance(prior_scale, (int, float)) and prior_scale > 0)):
             raise ValueError(f"prior_scale must be a positive float or 'fan_in', got {prior_scale!r}")
         if not init_scale > 0:

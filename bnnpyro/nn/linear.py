@@ -12,6 +12,7 @@ of failing like ``F.linear`` in ``PyroModule[nn.Linear]``.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional
 
 import torch
@@ -25,7 +26,7 @@ from bnnpyro.distributions.priors import Prior, ScaleMixtureNormal
 _PRIOR_FIELDS = {"normal": ("mean", "scale"), "scale_mixture": ("pi", "sigma1", "sigma2")}
 
 
-def resolve_prior(prior: Optional[Prior], prior_scale: float | str, in_features: int) -> Prior:
+def _resolve_prior(prior: Optional[Prior], prior_scale: float | str, in_features: int) -> Prior:
     r"""
     The prior of a layer with ``in_features`` inputs: ``prior`` if given, else
     :math:`\mathcal N(0, s^2)` with ``s = prior_scale``, or ``s = 1/\sqrt{\text{in\_features}}``
@@ -96,14 +97,15 @@ class BayesianLinear(PyroModule):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.in_features = in_features
         self.out_features = out_features
-        self.prior = resolve_prior(prior, prior_scale, in_features)
+        self.prior = _resolve_prior(prior, prior_scale, in_features)
         dtype = dtype if dtype is not None else torch.get_default_dtype()
         for field in _PRIOR_FIELDS[self.prior.kind]:
             value = torch.tensor(getattr(self.prior, field), device=device, dtype=dtype)
             self.register_buffer(f"_prior_{field}", value, persistent=False)
         self.has_bias = bool(bias)
-        self.weight = PyroSample(BayesianLinear._weight_prior)
-        self.bias = PyroSample(BayesianLinear._bias_prior) if bias else None
+        # partials, not methods: PyroSample renames named callables, which breaks pickling
+        self.weight = PyroSample(partial(BayesianLinear.prior_distribution, shape=(out_features, in_features)))
+        self.bias = PyroSample(partial(BayesianLinear.prior_distribution, shape=(out_features,))) if bias else None
 
     def prior_distribution(self, shape: torch.Size | tuple[int, ...]) -> TorchDistribution:
         """The prior over a tensor of ``shape``, as one event, on the buffers' device and dtype."""
@@ -112,14 +114,13 @@ class BayesianLinear(PyroModule):
         # the buffers were validated by Prior; skipping validation avoids a device sync per draw
         return family(*params, validate_args=False).expand(torch.Size(shape)).to_event(len(shape))
 
-    def _weight_prior(self) -> TorchDistribution:
-        return self.prior_distribution((self.out_features, self.in_features))
-
-    def _bias_prior(self) -> TorchDistribution:
-        return self.prior_distribution((self.out_features,))
-
     def forward(self, x: Tensor) -> Tensor:
-        """``*X x B x in`` -> ``broadcast(*S, *X) x B x out`` (``*S``: the weights' sample dims)."""
+        """
+        ``*X x B x in`` -> ``broadcast(*S, *X) x B x out`` (``*S``: the weights' sample dims).
+
+        Raises:
+            ValueError: ``x`` has fewer than 2 dims or its last dim is not ``in_features``.
+        """
         if x.dim() < 2 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must be (... x) B x {self.in_features}, got shape {tuple(x.shape)}")
         out = torch.matmul(x, self.weight.transpose(-1, -2))

@@ -17,6 +17,8 @@ uncertainty in neural networks. ICML.
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Callable, Optional, Sequence
 
 import pyro
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from bnnpyro.distributions.priors import Prior
+from bnnpyro.nn.activations import resolve_non_linearity
 from bnnpyro.nn.linear import BayesianLinear
 
 LIKELIHOODS = ("regression", "classification")
@@ -59,11 +62,12 @@ class BayesianMLP(PyroModule):
     event_dim=1)``, so ``pyro.infer.Predictive`` returns it, and is returned by ``forward``.
     The network is evaluated outside the plate, so each weight's KL is counted once per step.
 
-    *Posterior draws.* Under outer plates (``Predictive(..., parallel=True)``, or an ELBO with
-    ``vectorize_particles=True``) the weights have batch shape ``*P x 1`` (the 1 standing for
-    the data plate) and the layers output ``*P x 1 x B x out``; the model drops that singleton
-    so that ``f`` is ``*P x B x out`` (e.g. ``S x B x out`` from ``Predictive``), aligned with
-    the plates. Weights conditioned to stacked draws ``S x out x in`` give ``S x B x out`` too.
+    *Posterior draws.* Weights drawn under outer plates (an ELBO with
+    ``vectorize_particles=True``, a user's plate over samples) have batch shape ``*P x 1``
+    (the 1 standing for the data plate) and the layers output ``*P x 1 x B x out``; the model
+    drops that singleton so that ``f`` is ``*P x B x out``, aligned with the plates. Weights
+    conditioned to stacked draws ``S x out x in`` (what ``Predictive(..., parallel=True)``
+    feeds the model: its guide pass has no plates) give ``S x B x out`` directly.
 
     Parameters live in Pyro's global param store under the module's site names, and, as for
     every :class:`~pyro.nn.PyroModule`, a value already in the store takes precedence over
@@ -86,9 +90,9 @@ class BayesianMLP(PyroModule):
         in_features: int,
         out_features: int,
         hidden: Sequence[int] = (50,),
-        non_linearity: Callable[[Tensor], Tensor] = torch.relu,
+        non_linearity: str | Callable[[Tensor], Tensor] = "relu",
         dataset_size: Optional[int] = None,
-        prior: Optional[Prior] = None,
+        prior: Optional[Prior | dict] = None,
         prior_scale: float | str = 1.0,
         likelihood: str = "regression",
         noise_scale: Optional[float] = None,
@@ -97,18 +101,29 @@ class BayesianMLP(PyroModule):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        if isinstance(prior, dict):
+            prior = Prior(**prior)
         self.in_features = _positive_int("in_features", in_features)
         self.out_features = _positive_int("out_features", out_features)
         self.hidden = tuple(_positive_int("hidden", h) for h in hidden)
         self.dataset_size = None if dataset_size is None else _positive_int("dataset_size", dataset_size)
-        if not callable(non_linearity):
-            raise ValueError(f"non_linearity must be callable, got {non_linearity!r}")
+        self.non_linearity = resolve_non_linearity(non_linearity)
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         if likelihood == "classification" and noise_scale is not None:
             raise ValueError("noise_scale is only used with likelihood='regression'")
-        self.non_linearity = non_linearity
         self.likelihood = likelihood
+        self.config = {
+            "in_features": in_features,
+            "out_features": out_features,
+            "hidden": list(self.hidden),
+            "non_linearity": non_linearity if isinstance(non_linearity, str) else None,
+            "dataset_size": dataset_size,
+            "prior": None if prior is None else dataclasses.asdict(prior),
+            "prior_scale": prior_scale,
+            "likelihood": likelihood,
+            "noise_scale": noise_scale,
+        }
         widths = (in_features, *self.hidden, out_features)
         self.layers = PyroModule[nn.ModuleList](
             [
@@ -142,7 +157,7 @@ class BayesianMLP(PyroModule):
             raise ValueError("x must have at least one row")
         if torch.isnan(x).any():
             raise ValueError("x contains NaN")
-        if self.dataset_size is not None and self.dataset_size < batch:
+        if y is not None and self.dataset_size is not None and self.dataset_size < batch:
             raise ValueError(f"dataset_size ({self.dataset_size}) is smaller than the batch size ({batch})")
         if y is None:
             return
@@ -185,6 +200,14 @@ class BayesianMLP(PyroModule):
                 likelihood = dist.Normal(f, self.sigma).to_event(1)
             pyro.sample("obs", likelihood, obs=y)
         return f
+
+    def mean_and_scale(self, f: Tensor) -> tuple[Tensor, Tensor]:
+        """Regression: the likelihood's mean and noise std given the network output ``f``
+        (``... x B x out``), the mean squeezed to ``... x B`` when ``out_features == 1``."""
+        if self.likelihood != "regression":
+            raise ValueError("mean_and_scale is only defined for likelihood='regression'")
+        mean = f.squeeze(-1) if self.out_features == 1 else f
+        return mean, self.sigma.expand(mean.shape)
 
     def extra_repr(self) -> str:
         return f"likelihood={self.likelihood!r}, dataset_size={self.dataset_size}"

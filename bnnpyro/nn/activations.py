@@ -1,0 +1,31 @@
+"""Non-linearities by name, so that model configurations stay serializable."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NON_LINEARITIES: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "elu": F.elu,
+    "gelu": F.gelu,
+    "softplus": F.softplus,
+}
+
+
+def resolve_non_linearity(non_linearity: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """The callable for a name in :data:`NON_LINEARITIES`, or ``non_linearity`` itself if callable."""
+    if isinstance(non_linearity, str):
+        if non_linearity not in NON_LINEARITIES:
+            raise ValueError(
+                f"non_linearity must be one of {sorted(NON_LINEARITIES)} or a callable, got {non_linearity!r}"
+            )
+        return NON_LINEARITIES[non_linearity]
+    if not callable(non_linearity):
+        raise TypeError(f"non_linearity must be a str or callable, got {type(non_linearity).__name__}")
+    return non_linearity
