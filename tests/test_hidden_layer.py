@@ -424,3 +424,12 @@ def test_matches_pyro_contrib_bnn_where_it_works():
     torch.testing.assert_close(ours.KL, ref.KL)
     # contrib's log_prob is -KL_factor * KL (the sign that makes SVI maximise the KL); ours is +
     torch.testing.assert_close(ours.log_prob(h_ours[0]).sum(), -ref.log_prob(h_ref[0]))
+
+
+def test_normal_kl_sum_equals_elementwise_sum():
+    from bnnpyro.distributions import normal_kl, normal_kl_sum
+
+    A_mean, A_scale = _layer_params()
+    for pm, ps in ((0.0, 1.0), (0.3, 0.2), (torch.tensor(0.3), torch.tensor(2.0)),
+                   (torch.randn(3, 4), torch.rand(3, 4) + 0.1)):
+        torch.testing.assert_close(normal_kl_sum(A_mean, A_scale, pm, ps), normal_kl(A_mean, A_scale, pm, ps).sum())

@@ -13,7 +13,7 @@ from torch.distributions import Distribution, constraints
 from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
-from bnnpyro.distributions.kl import normal_kl
+from bnnpyro.distributions.kl import normal_kl_sum
 
 
 class _PreActivationStd(torch.autograd.Function):
@@ -238,7 +238,7 @@ class HiddenLayer(TorchDistribution):
         if self.A_mean is self.A_prior_mean and self.A_scale is self.A_prior_scale:
             # a prior layer (the model site): zero, without a D x H pass
             return self.A_mean.new_zeros(())
-        return normal_kl(self.A_mean, self.A_scale, self.A_prior_mean, self.A_prior_scale).sum()
+        return normal_kl_sum(self.A_mean, self.A_scale, self.A_prior_mean, self.A_prior_scale)
 
     def pre_activation_moments(self) -> tuple[Tensor, Tensor]:
         """
@@ -296,5 +296,27 @@ def _kl_hiddenlayer_hiddenlayer(q: HiddenLayer, p: HiddenLayer) -> Tensor:
         raise ValueError(
             f"cannot compare HiddenLayers of weight shapes {tuple(q.A_mean.shape)} and {tuple(p.A_mean.shape)}"
         )
-    kl = normal_kl(q.A_mean, q.A_scale, p.A_mean, p.A_scale).sum()
+    if _broadcast_of(p.A_mean, q.A_prior_mean) and _broadcast_of(p.A_scale, q.A_prior_scale):
+        kl = q.KL  # p is q's own prior: reuse the KL already computed for log_prob
+    else:
+        kl = normal_kl_sum(q.A_mean, q.A_scale, *_as_scalar_if_broadcast(p.A_mean, p.A_scale))
     return (q._kl_per_row * kl).expand(q.batch_shape)
+
+
+def _broadcast_of(t: Tensor, source: Tensor | float) -> bool:
+    """Whether ``t`` is ``source`` itself, or ``source`` (one element) expanded: equal values."""
+    if t is source:
+        return True
+    return (
+        torch.is_tensor(source)
+        and source.numel() == 1
+        and t.data_ptr() == source.data_ptr()
+        and all(stride == 0 for stride in t.stride())
+    )
+
+
+def _as_scalar_if_broadcast(mean: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """An expanded one-element prior parameter back to its one element (a cheaper KL)."""
+    def shrink(t: Tensor) -> Tensor:
+        return t.reshape(-1)[:1].reshape(()) if all(stride == 0 for stride in t.stride()) else t
+    return shrink(mean), shrink(scale)

@@ -25,3 +25,34 @@ def normal_kl(
     var_ratio = (q_scale / p_scale) ** 2
     t1 = ((q_mean - p_mean) / p_scale) ** 2
     return 0.5 * (var_ratio + t1 - 1.0 - torch.log(var_ratio))
+
+
+def _is_scalar(t: Tensor | float) -> bool:
+    return not torch.is_tensor(t) or t.numel() == 1
+
+
+def normal_kl_sum(
+    q_mean: Tensor,
+    q_scale: Tensor,
+    p_mean: Tensor | float = 0.0,
+    p_scale: Tensor | float = 1.0,
+) -> Tensor:
+    r"""
+    :func:`normal_kl` summed over all elements (a scalar). With a scalar prior (``p_mean``,
+    ``p_scale`` floats or one-element tensors) it uses the summed closed form
+
+    .. math::
+
+        \sum_i \mathrm{KL}_i = \frac{\sum_i \sigma_{q,i}^2 + \sum_i (\mu_{q,i} - \mu_p)^2}{2\sigma_p^2}
+        - \sum_i \log\sigma_{q,i} + n \log\sigma_p - \frac n2,
+
+    three elementwise passes over the weights instead of ten.
+    """
+    if not (_is_scalar(p_mean) and _is_scalar(p_scale)):
+        return normal_kl(q_mean, q_scale, p_mean, p_scale).sum()
+    q_mean, q_scale = torch.broadcast_tensors(q_mean, q_scale)
+    n = q_mean.numel()
+    p_scale = torch.as_tensor(p_scale, dtype=q_scale.dtype, device=q_scale.device).reshape(())
+    p_mean = torch.as_tensor(p_mean, dtype=q_mean.dtype, device=q_mean.device).reshape(())
+    squares = q_scale.pow(2).sum() + (q_mean - p_mean).pow(2).sum()
+    return 0.5 * squares / p_scale.pow(2) - q_scale.log().sum() + n * (p_scale.log() - 0.5)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnnpyro.distributions import HiddenLayer, normal_kl
+from bnnpyro.distributions import HiddenLayer, normal_kl_sum
 from bnnpyro.nn.activations import resolve_non_linearity
 
 _instance_counter = itertools.count()
@@ -172,7 +172,7 @@ class _HiddenLayerMLP(nn.Module):
     def kl(self) -> Tensor:
         """Closed-form ``KL(q || p)`` summed over all weights (a scalar)."""
         return sum(
-            normal_kl(self.A_mean[layer], F.softplus(self.A_rho[layer]), *self._prior(layer)).sum()
+            normal_kl_sum(self.A_mean[layer], F.softplus(self.A_rho[layer]), *self._prior(layer))
             for layer in range(self.num_layers)
         )
 
