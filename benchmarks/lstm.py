@@ -8,10 +8,9 @@ path), backward, Adam step. Measured side by side in one run (round-robin, media
   :func:`bnnpyro.nn.lstm.lstm_forward` (one ``_VF.lstm`` call);
 * ``fused raw+kl``: the same plus the closed-form ``KL(N(mu, softplus(rho)^2) || N(0, 1))`` in torch
   (the full Bayes-by-backprop objective with a Normal prior, without Pyro);
-* ``fused pyro``: :class:`bnnpyro.nn.lstm.BayesianLSTM` + ``AutoNormal`` + ``TraceMeanField_ELBO``,
-  ``svi.step`` on a model with ``pyro.factor(-output.sum())``: adds Pyro's tracing, the guide's
-  auxiliary draw and per-site log-densities, and a Monte Carlo KL (``AutoNormal`` puts a ``Delta``
-  at each site, which rules out the closed form);
+* ``fused pyro``: :class:`bnnpyro.nn.lstm.BayesianLSTM` + :class:`bnnpyro.infer.AnalyticAutoNormal`
+  + ``TraceMeanField_ELBO``, ``svi.step`` on a model with ``pyro.factor(-output.sum())``: adds
+  Pyro's tracing and per-site bookkeeping; the KL is the closed form;
 * ``python loop``: weights sampled once per step, then the recurrence written in Python, one
   gate matmul and gate-by-gate nonlinearities per time step (as BLiTZ / illia do).
 
@@ -30,11 +29,11 @@ import pyro
 import torch
 import torch.nn.functional as F
 from pyro.infer import SVI, TraceMeanField_ELBO
-from pyro.infer.autoguide import AutoNormal
 from torch import Tensor, nn
 
 from _common import interleaved_median_ms, write_json
 
+from bnnpyro.infer import AnalyticAutoNormal
 from bnnpyro.nn.lstm import BayesianLSTM, lstm_forward
 
 Step = Callable[[], object]
@@ -118,7 +117,7 @@ def build_steps(x: Tensor, hidden: int, num_layers: int, lr: float = 1e-3) -> di
     def model(x: Tensor) -> None:
         pyro.factor("objective", -bayes(x)[0].sum())
 
-    guide = AutoNormal(model, init_scale=0.01)
+    guide = AnalyticAutoNormal(model, init_scale=0.01)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), TraceMeanField_ELBO())
     steps["fused pyro"] = lambda: svi.step(x)
 
