@@ -11,7 +11,6 @@ import statistics
 import time
 from typing import Callable
 
-import torch
 
 
 _M_MMAP_THRESHOLD = -3

@@ -9,7 +9,7 @@ in one run (interleaved, median of repeats), with peak memory:
 * ``loop``: a Python loop of S single-sample passes (``sample_predictive(..., 1)``);
 * ``Predictive``: ``pyro.infer.Predictive(model, guide=guide, num_samples=S, parallel=False)``.
 
-Usage: ``python benchmarks/predict.py [--num-samples 100] [--inputs 10000] [--chunk-size 2500]``
+Usage: ``python benchmarks/predict.py [--num-samples 100] [--inputs 10000] [--chunk-size 500 1000]``
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-samples", type=int, default=100)
     parser.add_argument("--inputs", type=int, default=10_000)
-    parser.add_argument("--chunk-size", type=int, default=2500,
-                        help="rows per vectorized pass for the classifier (bounds memory)")
+    parser.add_argument("--chunk-size", type=int, nargs=2, default=[500, 1000],
+                        help="rows per vectorized pass for the regressor and the classifier "
+                             "(bounds memory and keeps the S x rows x width tensors cache-sized)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/predict.json")
@@ -39,9 +40,9 @@ def main() -> None:
     torch.manual_seed(0)
     S, B = args.num_samples, args.inputs
     models = {
-        "13-50-1 regressor": (BayesianMLPRegressor(13, hidden=(50,), dataset_size=B), 13, None),
+        "13-50-1 regressor": (BayesianMLPRegressor(13, hidden=(50,), dataset_size=B), 13, args.chunk_size[0]),
         "784-400-400-10 classifier": (BayesianMLPClassifier(784, 10, hidden=(400, 400), dataset_size=B),
-                                      784, args.chunk_size),
+                                      784, args.chunk_size[1]),
     }
     rows = []
     for label, (m, d, chunk) in models.items():

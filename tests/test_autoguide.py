@@ -12,14 +12,6 @@ from bnnpyro.infer import AnalyticAutoNormal
 from bnnpyro.serialization import make_unique
 
 
-@pytest.fixture(autouse=True)
-def _clean():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 def model():
     pyro.sample("w", dist.Normal(0.0, 0.5).expand([3, 4]).to_event(2))
     pyro.sample("b", dist.Normal(1.0, 2.0).expand([4]).to_event(1))

@@ -3,8 +3,6 @@
 import importlib.util
 from pathlib import Path
 
-import pyro
-import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -14,13 +12,6 @@ def _load(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(autouse=True)
-def _clean():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
 
 
 def test_mlp_regression_example(tmp_path):

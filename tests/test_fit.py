@@ -14,14 +14,6 @@ from bnnpyro.infer.elbo_terms import elbo_terms
 from bnnpyro.infer.fit import FitHistory, fit
 
 
-@pytest.fixture(autouse=True)
-def _clean():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 # ------------------------------------------------ Bayesian linear regression
 
 N, D, SIGMA, PRIOR_SCALE = 200, 3, 0.5, 1.0

@@ -13,14 +13,6 @@ from torch.distributions import kl_divergence
 from bnnpyro import HiddenLayer
 
 
-@pytest.fixture(autouse=True)
-def _clean():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 def identity(t):
     return t
 

@@ -3,17 +3,9 @@
 import subprocess
 import sys
 
-import pyro
 import pytest
 
 from bnnpyro.__main__ import main
-
-
-@pytest.fixture(autouse=True)
-def _clean():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
 
 
 def _metrics(out: str) -> dict[str, float]:

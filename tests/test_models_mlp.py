@@ -13,14 +13,6 @@ from bnnpyro.models import BayesianMLPClassifier, BayesianMLPRegressor
 from bnnpyro.predict import accuracy, evaluate_regression, expected_calibration_error, mean_probs
 
 
-@pytest.fixture(autouse=True)
-def _clean():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 @pytest.mark.parametrize("elbo_cls", [TraceMeanField_ELBO, Trace_ELBO])
 @pytest.mark.parametrize("N, B", [(100, 10), (1000, 64), (30, 30)])
 def test_loss_without_observations_is_the_full_kl(elbo_cls, N, B):

@@ -28,14 +28,6 @@ from bnnpyro.nn.mlp import BayesianMLP
 GUIDES = [AutoNormal, AutoDiagonalNormal, AutoLowRankMultivariateNormal]
 
 
-@pytest.fixture(autouse=True)
-def _clean():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 def _loc_scale(guide, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """An AutoNormal's ``loc`` and ``scale`` of site ``name`` (e.g. ``layers.0.weight``)."""
     return tuple(functools.reduce(getattr, name.split("."), p).detach() for p in (guide.locs, guide.scales))

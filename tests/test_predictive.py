@@ -9,14 +9,6 @@ from bnnpyro.models import BayesianMLPClassifier, BayesianMLPRegressor
 from bnnpyro.predict import mean_probs, predictive_std
 
 
-@pytest.fixture(autouse=True)
-def _clean():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 class _FixedNoise:
     """Stands in for ``torch.randn``: serves pre-drawn noise ``E[H]`` (``S x B x H``) per layer width
     ``H``, whole for a vectorized pass (``S x B x H`` requested) or one slice per looped pass."""

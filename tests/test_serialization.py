@@ -10,14 +10,6 @@ from bnnpyro import fit, sample_predictive
 from bnnpyro.models import BayesianMLPClassifier, BayesianMLPRegressor
 
 
-@pytest.fixture(autouse=True)
-def _clean():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 def _predict(m, x, seed=7):
     pyro.set_rng_seed(seed)
     return sample_predictive(m.model, m.guide, x, 20)["f"]
