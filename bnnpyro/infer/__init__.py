@@ -1,7 +1,9 @@
-"""Training helpers: a thin loop over SVI.step, the ELBO's NLL/KL split, an analytic-KL AutoNormal."""
+"""Training helpers: a thin loop over SVI.step, the ELBO's NLL/KL split, an analytic-KL AutoNormal,
+data-parallel SVI on torch.distributed."""
 
 from bnnpyro.infer.autoguide import AnalyticAutoNormal
+from bnnpyro.infer.distributed import DistributedSVI, fit_distributed, shard
 from bnnpyro.infer.elbo_terms import elbo_terms
 from bnnpyro.infer.fit import FitHistory, fit
 
-__all__ = ["AnalyticAutoNormal", "FitHistory", "elbo_terms", "fit"]
+__all__ = ["AnalyticAutoNormal", "DistributedSVI", "FitHistory", "elbo_terms", "fit", "fit_distributed", "shard"]
