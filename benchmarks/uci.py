@@ -84,6 +84,7 @@ def main() -> None:
                         help="directory of UCI data-set folders (bundled sets are always found)")
     parser.add_argument("--data", nargs="+", default=None, help="data sets (default: the five of Table 1)")
     parser.add_argument("--splits", type=int, default=None, help="number of splits (default: n_splits.txt)")
+    parser.add_argument("--first-split", type=int, default=0, help="start at this split (resume a run)")
     parser.add_argument("--epochs", type=int, default=400)
     parser.add_argument("--min-steps", type=int, default=8000, help="train at least this many SVI steps")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -108,7 +109,7 @@ def main() -> None:
         for name in names:
             n_splits = args.splits or uci_protocol(name, root=args.root)["n_splits"]
             runs = runs_by_name.setdefault(name, [])
-            for split in range(n_splits):
+            for split in range(args.first_split, n_splits):
                 runs.append(run_split(name, split, args))
                 r = runs[-1]
                 print(f"  {name} split {split}: RMSE {r['rmse']:.3f}  LL {r['log_likelihood']:.3f}  "
