@@ -44,8 +44,8 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 
 from bnnpyro.distributions import HiddenLayer, Prior
-from bnnpyro.models.mlp import _identity, _inverse_softplus
 from bnnpyro.nn import BayesianEmbedding, BayesianLSTM, lstm_forward
+from bnnpyro.nn.activations import identity, inverse_softplus
 from bnnpyro.nn.lstm import LSTMState
 from bnnpyro.predict.metrics import mutual_information, predictive_entropy
 
@@ -114,7 +114,7 @@ class _MeanFieldNormal(nn.Module):
     def __init__(self, init_locs: Mapping[str, Tensor], init_scale: float) -> None:
         super().__init__()
         self.sites = tuple(init_locs)
-        rho = _inverse_softplus(init_scale)
+        rho = inverse_softplus(init_scale)
         self.loc = nn.ParameterDict({self._key(s): nn.Parameter(v.detach().clone()) for s, v in init_locs.items()})
         self.rho = nn.ParameterDict({self._key(s): nn.Parameter(torch.full_like(v, rho)) for s, v in init_locs.items()})
 
@@ -190,7 +190,7 @@ class _BayesianLSTMNet(nn.Module):
         out_mean = torch.empty(hidden_size + 1, out_features).uniform_(-bound, bound)
         out_mean[-1].zero_()
         self.out_mean = nn.Parameter(out_mean)
-        self.out_rho = nn.Parameter(torch.full_like(out_mean, _inverse_softplus(init_scale)))
+        self.out_rho = nn.Parameter(torch.full_like(out_mean, inverse_softplus(init_scale)))
         self.register_buffer("out_prior_mean", torch.zeros(()))
         self.register_buffer("out_prior_scale", torch.tensor(float(prior_scale)))
         self._pyro_name = f"{type(self).__name__}_{next(_instance_counter)}"
@@ -243,12 +243,12 @@ class _BayesianLSTMNet(nn.Module):
         """The output layer under the prior (zero KL), rows ``X``."""
         shape = self.out_mean.shape
         m0, s0 = self.out_prior_mean.expand(shape), self.out_prior_scale.expand(shape)
-        return HiddenLayer(X, m0, s0, non_linearity=_identity, include_hidden_bias=False,
+        return HiddenLayer(X, m0, s0, non_linearity=identity, include_hidden_bias=False,
                            A_prior_mean=m0, A_prior_scale=s0)
 
     def _variational_layer(self, X: Tensor, **kl_scaling) -> HiddenLayer:
         """The output layer under ``q`` (local reparameterization), rows ``X``."""
-        return HiddenLayer(X, self.out_mean, F.softplus(self.out_rho), non_linearity=_identity,
+        return HiddenLayer(X, self.out_mean, F.softplus(self.out_rho), non_linearity=identity,
                            include_hidden_bias=False, A_prior_mean=self.out_prior_mean,
                            A_prior_scale=self.out_prior_scale, **kl_scaling)
 

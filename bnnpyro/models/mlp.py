@@ -13,17 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnnpyro.distributions import HiddenLayer, normal_kl_sum
-from bnnpyro.nn.activations import resolve_non_linearity
+from bnnpyro.nn.activations import identity, inverse_softplus, resolve_non_linearity
 
 _instance_counter = itertools.count()
-
-
-def _identity(t: Tensor) -> Tensor:
-    return t
-
-
-def _inverse_softplus(y: float) -> float:
-    return y + math.log(-math.expm1(-y))
 
 
 class _HiddenLayerMLP(nn.Module):
@@ -80,7 +72,7 @@ class _HiddenLayerMLP(nn.Module):
             mean = torch.empty(d + 1, h).uniform_(-bound, bound)
             mean[-1].zero_()
             self.A_mean.append(nn.Parameter(mean))
-            self.A_rho.append(nn.Parameter(torch.full((d + 1, h), _inverse_softplus(init_scale))))
+            self.A_rho.append(nn.Parameter(torch.full((d + 1, h), inverse_softplus(init_scale))))
             scale = 1.0 / math.sqrt(d) if prior_scale == "fan_in" else float(prior_scale)
             self.register_buffer(f"prior_mean_{layer}", torch.zeros(()))
             self.register_buffer(f"prior_scale_{layer}", torch.tensor(scale))
@@ -98,7 +90,7 @@ class _HiddenLayerMLP(nn.Module):
     def _layer_kwargs(self, layer: int) -> dict:
         last = layer == self.num_layers - 1
         return {
-            "non_linearity": _identity if last else self._non_linearity,
+            "non_linearity": identity if last else self._non_linearity,
             "include_hidden_bias": not last,
         }
 
@@ -221,7 +213,7 @@ class BayesianMLPRegressor(_HiddenLayerMLP):
         self.noise = noise
         self.min_noise = min_noise
         if noise == "learned":
-            self.noise_rho = nn.Parameter(torch.tensor(_inverse_softplus(noise_scale)))
+            self.noise_rho = nn.Parameter(torch.tensor(inverse_softplus(noise_scale)))
         else:
             self.register_buffer("noise_scale", torch.tensor(float(noise_scale)))
         self.config = {

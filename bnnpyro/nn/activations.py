@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -29,3 +30,13 @@ def resolve_non_linearity(non_linearity: str | Callable[[Tensor], Tensor]) -> Ca
     if not callable(non_linearity):
         raise TypeError(f"non_linearity must be a str or callable, got {type(non_linearity).__name__}")
     return non_linearity
+
+
+def identity(t: Tensor) -> Tensor:
+    """The identity, for output layers (a named function, so configurations stay picklable)."""
+    return t
+
+
+def inverse_softplus(y: float) -> float:
+    """``rho`` with ``softplus(rho) = y``: initialises a scale parameterised as ``softplus(rho)``."""
+    return y + math.log(-math.expm1(-y))
