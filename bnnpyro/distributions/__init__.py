@@ -1,7 +1,17 @@
 """Bayesian layers written as Pyro distributions over their activations, and weight priors."""
 
+from bnnpyro.distributions.conv import ConvLayer
+from bnnpyro.distributions.embedding import EmbeddingLayer
 from bnnpyro.distributions.hidden_layer import HiddenLayer
 from bnnpyro.distributions.kl import normal_kl, normal_kl_sum
 from bnnpyro.distributions.priors import Prior, ScaleMixtureNormal
 
-__all__ = ["HiddenLayer", "Prior", "ScaleMixtureNormal", "normal_kl", "normal_kl_sum"]
+__all__ = [
+    "ConvLayer",
+    "EmbeddingLayer",
+    "HiddenLayer",
+    "Prior",
+    "ScaleMixtureNormal",
+    "normal_kl",
+    "normal_kl_sum",
+]

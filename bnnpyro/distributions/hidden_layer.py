@@ -16,6 +16,14 @@ from torch.distributions.utils import lazy_property
 from bnnpyro.distributions.kl import normal_kl_sum
 
 
+ESTIMATORS = ("local_reparameterization", "weight_space", "flipout")
+
+
+def random_signs(shape: torch.Size, like: Tensor) -> Tensor:
+    """Independent Rademacher signs (``+1`` or ``-1`` with probability 1/2) of ``like``'s dtype and device."""
+    return torch.randint(0, 2, shape, device=like.device).to(like.dtype).mul_(2).sub_(1)
+
+
 class _PreActivationStd(torch.autograd.Function):
     r"""
     ``std = sqrt(max((X * X) @ (A_scale * A_scale), tiny))`` with a hand-written backward:
@@ -70,6 +78,21 @@ class HiddenLayer(TorchDistribution):
 
     which costs two ``B x D @ D x H`` matmuls and ``O(B x H)`` memory.
 
+    **Estimators** (``estimator=``), all with these same per-row marginals:
+
+    - ``"local_reparameterization"`` (the default): pre-activations drawn
+      independently for every row and output from the marginal above.
+    - ``"weight_space"``: one weight draw :math:`A = \mu + \sigma\odot\varepsilon` per
+      replica of the network (leading batch and sample dimensions), shared by all
+      rows of the minibatch, so rows are correlated through the shared weights.
+    - ``"flipout"`` (Wen et al., 2018): one perturbation
+      :math:`\Delta A = \sigma\odot\varepsilon` per replica, decorrelated across
+      rows by random signs :math:`s^{in}_n \in \{\pm1\}^D`,
+      :math:`s^{out}_n \in \{\pm1\}^H` drawn per row:
+      :math:`x_n^\top \mu + ((x_n \odot s^{in}_n)^\top \Delta A) \odot s^{out}_n`.
+      Its per-row mean and variance equal weight-space sampling's; the covariance
+      between two rows is zero in expectation over the signs.
+
     **The folded KL.** The weights are not sample sites, so the KL of the weight
     posterior from its prior is carried by :meth:`log_prob`, which ignores its
     argument and returns this layer's share of
@@ -105,15 +128,20 @@ class HiddenLayer(TorchDistribution):
     :param bool weight_space_sampling: sample the weights themselves (one
         ``D x H`` draw shared by all rows of a minibatch) instead of the
         pre-activations. Same marginals per row, higher-variance gradients.
+        Equivalent to ``estimator="weight_space"``.
     :param A_prior_mean: mean of the weight prior (float or tensor
         broadcastable to ``D x H``). Default 0.
     :param int dataset_size: ``N``; if given, ``KL_factor`` is set to ``B / N``.
+    :param str estimator: ``"local_reparameterization"``, ``"weight_space"`` or
+        ``"flipout"``; ``None`` (default) follows ``weight_space_sampling``.
 
     The event shape is ``(H + 1,)`` with ``include_hidden_bias`` else ``(H,)``;
     the batch shape is ``X.shape[:-1]``.
 
-    Reference: Kingma, D. P., Salimans, T., Welling, M. (2015). Variational
+    References: Kingma, D. P., Salimans, T., Welling, M. (2015). Variational
     dropout and the local reparameterization trick. NeurIPS.
+    Wen, Y., Vicol, P., Ba, J., Tran, D., Grosse, R. (2018). Flipout: efficient
+    pseudo-independent weight perturbations on mini-batches. ICLR.
     """
 
     arg_constraints = {
@@ -137,8 +165,17 @@ class HiddenLayer(TorchDistribution):
         *,
         A_prior_mean: float | Tensor = 0.0,
         dataset_size: int | None = None,
+        estimator: str | None = None,
         validate_args: bool | None = None,
     ) -> None:
+        if estimator is None:
+            estimator = "weight_space" if weight_space_sampling else "local_reparameterization"
+        elif estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        elif weight_space_sampling and estimator != "weight_space":
+            raise ValueError(
+                f"weight_space_sampling=True contradicts estimator={estimator!r}; give only estimator"
+            )
         for name, value in (("X", X), ("A_mean", A_mean), ("A_scale", A_scale)):
             if not torch.is_tensor(value):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -176,7 +213,8 @@ class HiddenLayer(TorchDistribution):
         self.A_prior_mean = A_prior_mean
         self.A_prior_scale = A_prior_scale
         self.include_hidden_bias = include_hidden_bias
-        self.weight_space_sampling = weight_space_sampling
+        self.estimator = estimator
+        self.weight_space_sampling = estimator == "weight_space"
         self.dim_X = A_mean.size(0)
         self.dim_H = A_mean.size(1)
         # share of the KL carried by each row of the minibatch
@@ -223,6 +261,7 @@ class HiddenLayer(TorchDistribution):
             "A_prior_scale",
             "include_hidden_bias",
             "weight_space_sampling",
+            "estimator",
             "dim_X",
             "dim_H",
             "_kl_per_row",
@@ -256,7 +295,7 @@ class HiddenLayer(TorchDistribution):
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
         sample_shape = torch.Size(sample_shape)
-        if self.weight_space_sampling:
+        if self.estimator == "weight_space":
             # one weight matrix per replica of the network (all but the minibatch dim)
             lead = sample_shape + self.batch_shape[:-1]
             eps = torch.randn(lead + self.A_mean.shape, dtype=self.X.dtype, device=self.X.device)
@@ -265,6 +304,8 @@ class HiddenLayer(TorchDistribution):
             pre = X @ A
             if not self.batch_shape:
                 pre = pre.squeeze(-2)
+        elif self.estimator == "flipout":
+            pre = self._flipout_pre_activations(sample_shape)
         else:
             mean, std = self._pre_activation_mean_std()
             shape = sample_shape + self.batch_shape + mean.shape[-1:]
@@ -274,6 +315,20 @@ class HiddenLayer(TorchDistribution):
         if self.include_hidden_bias:
             out = torch.cat([out, out.new_ones(out.shape[:-1] + (1,))], dim=-1)
         return out
+
+    def _flipout_pre_activations(self, sample_shape: torch.Size) -> Tensor:
+        """``X @ A_mean + ((X * s_in) @ dA) * s_out``: one ``dA`` per replica, signs per row."""
+        X = self.X.expand(sample_shape + self.X.shape)
+        lead = sample_shape + self.batch_shape[:-1]
+        dA = self.A_scale * torch.randn(lead + self.A_mean.shape, dtype=X.dtype, device=X.device)
+        s_in = random_signs(X.shape, X)
+        s_out = random_signs(X.shape[:-1] + (self.dim_H,), X)
+        Xs = X * s_in
+        if not self.batch_shape:
+            perturbation = (Xs.unsqueeze(-2) @ dA).squeeze(-2)
+        else:
+            perturbation = Xs @ dA
+        return torch.addcmul(self._X_distinct @ self.A_mean, perturbation, s_out)
 
     def log_prob(self, value: Tensor) -> Tensor:
         """
