@@ -10,27 +10,31 @@ from bnnpyro.predict import mean_probs, predictive_std
 
 
 class _FixedNoise:
-    """Stands in for ``torch.randn``: serves pre-drawn noise ``E[H]`` (``S x B x H``) per layer width
-    ``H``, whole for a vectorized pass (``S x B x H`` requested) or one slice per looped pass."""
+    """Stands in for ``torch.randn``: the vectorized pass's draws (leading dim ``S``) are recorded
+    by trailing shape, and looped pass ``s`` (leading dim 1) is served slice ``s`` of them, for
+    local-reparameterization noise (``S x B x H``) and weight draws (``S x D x H``) alike."""
 
-    def __init__(self, S, B, widths):
-        g = torch.Generator().manual_seed(1)
-        self.E = {H: torch.randn(S, B, H, generator=g) for H in widths}
+    def __init__(self, S):
+        self.S = S
+        self.E = {}
         self.s = None
         self._randn = torch.randn
 
     def __call__(self, *shape, **kwargs):
         shape = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
-        E = self.E.get(shape[-1])
-        if E is None or shape[-2] != E.shape[1]:
-            return self._randn(*shape, **kwargs)
-        if shape[0] == E.shape[0] and len(shape) == 3 and self.s is None:
-            return E.clone()
-        return E[self.s : self.s + 1].clone().reshape(shape)
+        key = shape[1:]
+        if self.s is None and shape[0] == self.S:
+            assert key not in self.E, "two sites draw noise of the same shape: make the test's widths distinct"
+            self.E[key] = self._randn(*shape, **kwargs)
+            return self.E[key].clone()
+        if self.s is not None and shape[0] == 1 and key in self.E:
+            return self.E[key][self.s : self.s + 1].clone()
+        return self._randn(*shape, **kwargs)
 
 
+@pytest.mark.parametrize("estimator", ["auto", "local_reparameterization", "weight_space"])
 @pytest.mark.parametrize("kind", ["regressor", "classifier", "heteroscedastic"])
-def test_vectorized_equals_loop_hand_written_guide(monkeypatch, kind):
+def test_vectorized_equals_loop_hand_written_guide(monkeypatch, kind, estimator):
     S, B = 30, 17
     x = torch.randn(B, 4)
     if kind == "classifier":
@@ -41,16 +45,16 @@ def test_vectorized_equals_loop_hand_written_guide(monkeypatch, kind):
         m = BayesianMLPRegressor(4, hidden=(7, 5), dataset_size=100, noise=noise)
         y = x.sum(-1)
     fit(m.model, m.guide, (x, y), epochs=30, seed=0, progress=False)
-    widths = (7, 5, m.sizes[-1])
-    fake = _FixedNoise(S, B, widths)
+    fake = _FixedNoise(S)
     monkeypatch.setattr(torch, "randn", fake)
-    f_vec = sample_predictive(m.model, m.guide, x, S)["f"]
+    f_vec = sample_predictive(m.model, m.guide, x, S, estimator=estimator)["f"]
     loop = []
     for s in range(S):
         fake.s = s
-        loop.append(sample_predictive(m.model, m.guide, x, 1)["f"][0])
+        loop.append(sample_predictive(m.model, m.guide, x, 1, estimator=estimator)["f"][0])
     f_loop = torch.stack(loop)
     assert f_vec.shape == (S, B, m.sizes[-1])
+    assert f_vec.std(0).min() > 0
     torch.testing.assert_close(f_vec, f_loop, rtol=1e-5, atol=1e-5)
     if kind == "classifier":
         torch.testing.assert_close(mean_probs(f_vec, logits=True), mean_probs(f_loop, logits=True),
@@ -63,12 +67,54 @@ def test_vectorized_equals_loop_hand_written_guide(monkeypatch, kind):
         torch.testing.assert_close(predictive_std(mv, sv), predictive_std(ml, sl), rtol=1e-5, atol=1e-5)
 
 
+def test_estimators_give_the_same_predictive_distribution():
+    """Per input, local reparameterization and weight-space sampling are both exact: the predictive
+    mean and variance of every output agree within Monte Carlo error (5 standard errors)."""
+    m = BayesianMLPClassifier(130, 3, hidden=(6,), dataset_size=100, init_scale=0.3)
+    x = torch.randn(5, 130) / 3
+    S = 20000
+    draws = {e: sample_predictive(m.model, m.guide, x, S, estimator=e)["f"]
+             for e in ("local_reparameterization", "weight_space", "auto")}
+    ref = draws["local_reparameterization"]
+    for e in ("weight_space", "auto"):
+        f = draws[e]
+        se_mean = ((ref.var(0) + f.var(0)) / S).sqrt()
+        assert ((f.mean(0) - ref.mean(0)).abs() < 5 * se_mean).all(), e
+        # var of a sample variance ~ 2 sigma^4 / S for near-Gaussian outputs (ReLU tails: allow 2x)
+        se_var = (2 * 2 * (ref.var(0) ** 2 + f.var(0) ** 2) / S).sqrt()
+        assert ((f.var(0) - ref.var(0)).abs() < 5 * se_var).all(), e
+
+
+def test_auto_estimator_choice(monkeypatch):
+    """``auto``: local reparameterization for a wide first layer (moments shared by the S samples),
+    weight-space sampling for deeper layers and narrow inputs."""
+    from bnnpyro.distributions import HiddenLayer
+
+    chosen = []
+    rsample = HiddenLayer.rsample
+
+    def spy(self, sample_shape=torch.Size()):
+        chosen.append((self.dim_X, self.estimator))
+        return rsample(self, sample_shape)
+
+    monkeypatch.setattr(HiddenLayer, "rsample", spy)
+    m = BayesianMLPClassifier(200, 3, hidden=(150, 4), dataset_size=10)
+    sample_predictive(m.model, m.guide, torch.randn(6, 200), 3)
+    assert chosen == [(201, "local_reparameterization"), (151, "weight_space"), (5, "weight_space")]
+    chosen.clear()
+    m = BayesianMLPRegressor(13, hidden=(50,), dataset_size=10)
+    sample_predictive(m.model, m.guide, torch.randn(6, 13), 3)
+    assert chosen == [(14, "weight_space"), (51, "weight_space")]
+    with pytest.raises(ValueError, match="estimator"):
+        sample_predictive(m.model, m.guide, torch.randn(6, 13), 3, estimator="flip")
+
+
 def test_chunked_equals_unchunked_distribution():
     """Chunks see the same global weights; per-row sites are independent, so moments agree."""
     m = BayesianMLPRegressor(2, hidden=(8,), dataset_size=50)
     x = torch.randn(50, 2)
     fit(m.model, m.guide, (x, x.sum(-1)), epochs=20, seed=0, progress=False)
-    a = sample_predictive(m.model, m.guide, x, 4000)["f"]
+    a = sample_predictive(m.model, m.guide, x, 4000, chunk_size=None)["f"]
     b = sample_predictive(m.model, m.guide, x, 4000, chunk_size=7)["f"]
     assert a.shape == b.shape == (4000, 50, 1)
     se = (a.var(0) / 4000).sqrt()

@@ -125,7 +125,8 @@ class _HiddenLayerMLP(nn.Module):
         self._check_x(x, training=y is not None)
         if y is not None:
             self._check_y(x, y)
-        pyro.module(self._pyro_name, self)
+        # the parameters are registered with Pyro once per step, by the guide (SVI optimizes the
+        # parameters of both traces; the model uses the module's tensors directly)
         X = torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
         with self._plate(x):
             for layer in range(self.num_layers):
