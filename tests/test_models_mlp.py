@@ -148,3 +148,24 @@ def test_state_dict_round_trip_reproduces_predictions():
     pyro.set_rng_seed(3)
     fb = sample_predictive(b.model, b.guide, x, 10)["f"]
     torch.testing.assert_close(fa, fb, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("estimator", ["local_reparameterization", "flipout", "weight_space"])
+def test_estimator_option_keeps_the_exact_minibatch_objective(estimator):
+    """For every estimator, the one-particle ``TraceMeanField_ELBO`` loss is (N/B) * NLL of the
+    guide's sampled outputs + the closed-form KL (same seed, guide traced separately)."""
+    import pyro.poutine as poutine
+    from pyro.infer import TraceMeanField_ELBO
+
+    N, B = 300, 20
+    m = BayesianMLPClassifier(5, 3, hidden=(6, 4), dataset_size=N, estimator=estimator, init_scale=0.2)
+    x, y = torch.randn(B, 5), torch.randint(0, 3, (B,))
+    pyro.set_rng_seed(7)
+    loss = TraceMeanField_ELBO().loss(m.model, m.guide, x, y)
+    pyro.set_rng_seed(7)
+    f = poutine.trace(m.guide).get_trace(x, y).nodes[m.output_site]["value"]
+    expected = -(N / B) * torch.distributions.Categorical(logits=f).log_prob(y).sum() + m.kl()
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    assert m.config["estimator"] == estimator
+    with pytest.raises(ValueError, match="estimator"):
+        BayesianMLPRegressor(2, dataset_size=5, estimator="dropout")

@@ -337,7 +337,9 @@ class HiddenLayer(TorchDistribution):
         """
         if self._validate_args:
             self._validate_sample(value)
-        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        shape = value.shape[:-1]
+        if shape != self.batch_shape:
+            shape = torch.broadcast_shapes(shape, self.batch_shape)
         return (self._kl_per_row * self.KL).expand(shape)
 
 

