@@ -4,14 +4,25 @@ from bnnpyro.distributions.conv import ConvLayer
 from bnnpyro.distributions.embedding import EmbeddingLayer
 from bnnpyro.distributions.hidden_layer import HiddenLayer
 from bnnpyro.distributions.kl import normal_kl, normal_kl_sum
-from bnnpyro.distributions.priors import Prior, ScaleMixtureNormal
+from bnnpyro.distributions.priors import (
+    NormalPrior,
+    ParameterPrior,
+    Prior,
+    ScaleMixtureNormal,
+    ScaleMixturePrior,
+    parameter_prior,
+)
 
 __all__ = [
     "ConvLayer",
     "EmbeddingLayer",
     "HiddenLayer",
+    "NormalPrior",
+    "ParameterPrior",
     "Prior",
     "ScaleMixtureNormal",
+    "ScaleMixturePrior",
     "normal_kl",
     "normal_kl_sum",
+    "parameter_prior",
 ]

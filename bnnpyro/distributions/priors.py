@@ -1,4 +1,5 @@
-"""Weight priors: the scale mixture of Blundell et al. (2015) and a prior specification."""
+"""Weight priors: the scale mixture of Blundell et al. (2015), an i.i.d. prior specification, and
+per-parameter prior modules (Normal with any mean and scale, optionally a learned scale; scale mixture)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from pyro.distributions import Normal
 from pyro.distributions.torch_distribution import TorchDistribution
+from pyro.nn import PyroModule, PyroParam
 from torch import Tensor
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
@@ -117,3 +119,117 @@ class Prior:
         else:
             base = ScaleMixtureNormal(t(self.pi), t(self.sigma1), t(self.sigma2))
         return base.expand(shape).to_event(len(shape))
+
+
+class ParameterPrior(PyroModule):
+    r"""
+    The prior over one parameter tensor of a fixed ``shape``, as a module: calling it returns the
+    distribution (one event of ``len(shape)`` dims) used as that parameter's
+    :class:`~pyro.nn.PyroSample` prior. Being a module, its tensors move with ``.to()`` and are
+    saved in ``state_dict``, and it may hold learnable :class:`~pyro.nn.PyroParam` s (which SVI
+    then fits by maximising the ELBO: empirical Bayes).
+    """
+
+    def __init__(self, shape: torch.Size | tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape = torch.Size(shape)
+
+    def forward(self) -> TorchDistribution:
+        raise NotImplementedError
+
+
+def _prior_tensor(name: str, value: float | Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """``value`` as a detached tensor (copied) that broadcasts to ``shape``."""
+    value = torch.as_tensor(value, dtype=value.dtype if isinstance(value, Tensor) else dtype).detach().clone()
+    try:
+        if torch.broadcast_shapes(value.shape, shape) != shape:
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to {tuple(shape)}") from None
+    return value
+
+
+class NormalPrior(ParameterPrior):
+    r"""
+    :math:`w \sim \mathcal N(\text{loc}, \text{scale}^2)` elementwise over a tensor of ``shape``.
+    ``loc`` and ``scale`` are numbers (one value for the whole tensor, e.g. per layer) or tensors
+    broadcastable to ``shape`` (e.g. one value per element); both are stored as buffers.
+
+    With ``learn_scale=True``, ``scale`` is instead a positive :class:`~pyro.nn.PyroParam`
+    initialised at the given value: SVI learns it by maximising the ELBO, through the analytic KL
+    (``TraceMeanField_ELBO`` with a guide that has Normal sites, e.g.
+    :class:`~bnnpyro.infer.AnalyticAutoNormal`) or through :math:`\log p(w)`. With ``loc`` the
+    weights of a trained network this is the empirical-Bayes prior of MOPED (Krishnan et al.,
+    2020): centred on the deterministic solution, its width fitted to the data.
+
+    :param shape: the parameter's shape.
+    :param loc: prior mean, number or tensor broadcastable to ``shape``.
+    :param scale: prior standard deviation (initial value if learned), positive.
+    :param learn_scale: learn ``scale`` as a :class:`~pyro.nn.PyroParam`.
+
+    Raises:
+        ValueError: ``loc`` or ``scale`` does not broadcast to ``shape``; ``scale`` not positive.
+
+    Reference: Krishnan, R., Subedar, M., Tickoo, O. (2020). Specifying weight priors in Bayesian
+    deep neural networks with empirical Bayes. AAAI.
+    """
+
+    def __init__(
+        self,
+        shape: torch.Size | tuple[int, ...],
+        loc: float | Tensor = 0.0,
+        scale: float | Tensor = 1.0,
+        learn_scale: bool = False,
+    ) -> None:
+        super().__init__(shape)
+        loc = _prior_tensor("loc", loc, self.shape, torch.get_default_dtype())
+        scale = _prior_tensor("scale", scale, self.shape, loc.dtype)
+        if not (scale > 0).all():
+            raise ValueError("scale must be positive")
+        self.learn_scale = bool(learn_scale)
+        self.register_buffer("loc", loc)
+        if self.learn_scale:
+            self.scale = PyroParam(scale, constraints.positive)
+        else:
+            self.register_buffer("scale", scale)
+
+    def forward(self) -> TorchDistribution:
+        # loc and scale were validated at construction (scale learned under a positive constraint)
+        return Normal(self.loc, self.scale, validate_args=False).expand(self.shape).to_event(len(self.shape))
+
+    def extra_repr(self) -> str:
+        def show(t: Tensor) -> str:
+            return f"{t.item():.4g}" if t.numel() == 1 else f"tensor of shape {tuple(t.shape)}"
+        scale = self.scale.detach()
+        return (f"shape={tuple(self.shape)}, loc={show(self.loc)}, scale={show(scale)}"
+                + (", learn_scale=True" if self.learn_scale else ""))
+
+
+class ScaleMixturePrior(ParameterPrior):
+    r"""
+    :class:`ScaleMixtureNormal` ``(pi, sigma1, sigma2)`` elementwise over a tensor of ``shape``
+    (the scale-mixture prior of Blundell et al., 2015), its parameters 0-d buffers.
+    """
+
+    def __init__(self, shape: torch.Size | tuple[int, ...], pi: float, sigma1: float, sigma2: float) -> None:
+        super().__init__(shape)
+        Prior("scale_mixture", pi=pi, sigma1=sigma1, sigma2=sigma2)  # validates
+        for name, value in (("pi", pi), ("sigma1", sigma1), ("sigma2", sigma2)):
+            self.register_buffer(name, torch.tensor(float(value)))
+
+    def forward(self) -> TorchDistribution:
+        base = ScaleMixtureNormal(self.pi, self.sigma1, self.sigma2, validate_args=False)
+        return base.expand(self.shape).to_event(len(self.shape))
+
+    def extra_repr(self) -> str:
+        return (f"shape={tuple(self.shape)}, pi={self.pi.item():.4g}, sigma1={self.sigma1.item():.4g}, "
+                f"sigma2={self.sigma2.item():.4g}")
+
+
+def parameter_prior(prior: Prior, shape: torch.Size | tuple[int, ...]) -> ParameterPrior:
+    """The :class:`ParameterPrior` over a tensor of ``shape`` with the i.i.d. prior ``prior``."""
+    if not isinstance(prior, Prior):
+        raise TypeError(f"prior must be a bnnpyro Prior, got {type(prior).__name__}")
+    if prior.kind == "normal":
+        return NormalPrior(shape, prior.mean, prior.scale)
+    return ScaleMixturePrior(shape, prior.pi, prior.sigma1, prior.sigma2)

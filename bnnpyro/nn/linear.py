@@ -16,6 +16,7 @@ from functools import partial
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from pyro.distributions import Normal
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.nn import PyroModule, PyroSample
@@ -117,15 +118,26 @@ class BayesianLinear(PyroModule):
     def forward(self, x: Tensor) -> Tensor:
         """
         ``*X x B x in`` -> ``broadcast(*S, *X) x B x out`` (``*S``: the weights' sample dims).
+        A single draw (``out x in`` weight) is applied with ``F.linear``, which also takes ``x``
+        of shape ``in`` as ``nn.Linear`` does, and which the estimator handlers of
+        :mod:`bnnpyro.nn.estimators` intercept; batched draws use one batched ``matmul``.
 
         Raises:
-            ValueError: ``x`` has fewer than 2 dims or its last dim is not ``in_features``.
+            ValueError: the last dim of ``x`` is not ``in_features``, or ``x`` has fewer than 2
+                dims with batched weights.
         """
-        if x.dim() < 2 or x.shape[-1] != self.in_features:
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must be (... x) B x {self.in_features}, got shape {tuple(x.shape)}")
-        out = torch.matmul(x, self.weight.transpose(-1, -2))
-        return out + self.bias.unsqueeze(-2) if self.has_bias else out
+        weight = self.weight
+        bias = self.bias if self.has_bias else None
+        if weight.dim() == 2 and (bias is None or bias.dim() == 1):
+            return F.linear(x, weight, bias)
+        if x.dim() < 2:
+            raise ValueError(f"x must be (... x) B x {self.in_features} with batched weights, "
+                             f"got shape {tuple(x.shape)}")
+        out = torch.matmul(x, weight.transpose(-1, -2))
+        return out + bias.unsqueeze(-2) if bias is not None else out
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.has_bias}, prior={self.prior}")
+        s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}"
+        return s if self.prior is None else s + f", prior={self.prior}"  # None: see to_bayesian
