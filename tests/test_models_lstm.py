@@ -157,6 +157,23 @@ def test_predictions_more_samples_larger_than_dataset():
     assert m.get_logits(torch.randn(N + 5, T, 2), 2).shape == (N + 5, 2, 3)
 
 
+def test_lm_likelihood_is_the_categorical_log_prob_and_samples():
+    """The LM's fused cross-entropy likelihood equals ``Categorical(logits).log_prob`` (also broadcast
+    against leading sample dimensions); run alone, the model samples next tokens from it."""
+    from bnnpyro.models.lstm import _SoftmaxCategorical
+
+    logits = 3 * torch.randn(B, T, 7)
+    y = torch.randint(0, 7, (B, T))
+    torch.testing.assert_close(_SoftmaxCategorical(logits).log_prob(y), dist.Categorical(logits=logits).log_prob(y))
+    ys = torch.randint(0, 7, (4, B, T))
+    torch.testing.assert_close(_SoftmaxCategorical(logits).log_prob(ys), dist.Categorical(logits=logits).log_prob(ys))
+    m = _lm()
+    x, _ = _data(m)
+    tr = poutine.trace(m.model).get_trace(x)
+    sampled = tr.nodes["y"]["value"]
+    assert sampled.shape == (B, T) and sampled.dtype == torch.long and 0 <= sampled.min() and sampled.max() < 7
+
+
 def test_config_rebuilds_the_model():
     m = _lm(prior=Prior(kind="scale_mixture"), dropout=0.2)
     copy = BayesianLSTMLanguageModel(**m.config)

@@ -25,6 +25,19 @@ objective of the paper,
 the KL counted once (in closed form for the default Normal prior, by Monte Carlo for the scale
 mixture).
 
+**Estimators.** ``estimator="weight_space"`` (default) runs the guide's LSTM on its one weight draw
+with torch's fused kernel. ``estimator="flipout"`` (Wen et al., 2018) runs it with
+:func:`~bnnpyro.nn.lstm.lstm_flipout_forward` around the posterior means: centre
+``loc`` (``self.posterior.loc``), perturbation ``w - loc`` for the guide's draw ``w``, and per-sequence
+sign flips fixed across time steps, so the sequences of a minibatch see pseudo-independent weights
+with the same marginal ``q`` (same expected -ELBO, lower-variance gradients; a Python loop over time,
+slower per step). Flipout is a *training-time* estimator around the posterior mean: the guide's
+weight sites and the KL are unchanged, and :meth:`get_logits`, :meth:`predict`, ``perplexity`` and
+``generate`` keep weight-space draws. Under SVI only the guide's features enter the likelihood (the
+model's ``"logits"`` site takes the guide's value), so the model program keeps the weight-space pass
+over its sites: run alone it draws weights from the prior, for which flipout around ``loc`` would
+not be a valid estimator. The embedding table is one shared draw in both estimators.
+
 Reference: Fortunato, M., Blundell, C., Vinyals, O. (2017). Bayesian Recurrent Neural Networks.
 arXiv:1704.02798.
 """
@@ -40,24 +53,56 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.nn import PyroModule
 from torch import Tensor, nn
+from torch.distributions import constraints
 
 from bnnpyro.distributions import HiddenLayer, Prior
 from bnnpyro.nn import BayesianEmbedding, BayesianLSTM, lstm_forward
 from bnnpyro.nn.activations import identity, inverse_softplus
-from bnnpyro.nn.lstm import LSTMState
+from bnnpyro.nn.lstm import LSTMState, lstm_flipout_forward
 from bnnpyro.predict.metrics import mutual_information, predictive_entropy
 
 __all__ = ["BayesianLSTMClassifier", "BayesianLSTMLanguageModel"]
 
 _instance_counter = itertools.count()
+ESTIMATORS: tuple[str, ...] = ("weight_space", "flipout")
 
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+class _SoftmaxCategorical(TorchDistribution):
+    r"""
+    ``Categorical(logits=logits)`` over the last dimension, its ``log_prob`` one fused
+    ``-F.cross_entropy``. Same values as :class:`pyro.distributions.Categorical`, whose
+    ``logits - logsumexp(logits)`` normalisation and its backward make about ten passes and
+    temporaries of the logits' size: at a 10,000-word vocabulary (``B x T x V`` logits) they cost
+    more than the log-softmax itself. The logits are neither normalised nor validated here.
+    """
+
+    arg_constraints = {"logits": constraints.real_vector}
+
+    def __init__(self, logits: Tensor) -> None:
+        self.logits = logits
+        super().__init__(logits.shape[:-1], validate_args=False)
+
+    @property
+    def support(self) -> constraints.Constraint:
+        return constraints.integer_interval(0, self.logits.size(-1) - 1)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+        return dist.Categorical(logits=self.logits).sample(sample_shape)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        shape = torch.broadcast_shapes(value.shape, self.batch_shape)
+        logits = self.logits.expand(shape + self.logits.shape[-1:]).reshape(-1, self.logits.size(-1))
+        nll = F.cross_entropy(logits, value.long().expand(shape).reshape(-1), reduction="none")
+        return -nll.view(shape)
 
 
 def _append_ones(h: Tensor) -> Tensor:
@@ -98,14 +143,24 @@ class _SequenceEncoder(PyroModule):
         return self.lstm(inputs)[0]
 
     def run(
-        self, weights: Mapping[str, Tensor], x: Tensor, training: bool, hx: LSTMState | None = None
+        self, weights: Mapping[str, Tensor], x: Tensor, training: bool, hx: LSTMState | None = None,
+        centre: Mapping[str, Tensor] | None = None,
     ) -> tuple[Tensor, LSTMState]:
-        """``(output B x T x H, (h_n, c_n))`` for the weights ``{site name: tensor}``, one fused LSTM call."""
+        """
+        ``(output B x T x H, (h_n, c_n))`` for the weights ``{site name: tensor}``: one fused LSTM call,
+        or with ``centre`` (``{site name: tensor}``, e.g. the posterior means) flipout around ``centre``
+        with perturbation ``weights - centre`` (:func:`~bnnpyro.nn.lstm.lstm_flipout_forward`).
+        """
         inputs = x if self.embedding is None else F.embedding(x, weights["embedding.weight"])
-        flat = [weights[f"lstm.{name}"] for name in self.lstm.weight_shapes]
+        names = [f"lstm.{name}" for name in self.lstm.weight_shapes]
         lstm = self.lstm
-        return lstm_forward(inputs, hx, flat, num_layers=lstm.num_layers, bias=True, batch_first=True,
-                            dropout=lstm.dropout, training=training, bidirectional=False)
+        kwargs = dict(num_layers=lstm.num_layers, bias=True, batch_first=True, dropout=lstm.dropout,
+                      training=training, bidirectional=False)
+        if centre is None:
+            return lstm_forward(inputs, hx, [weights[n] for n in names], **kwargs)
+        means = [centre[n] for n in names]
+        deltas = [weights[n] - m for n, m in zip(names, means)]
+        return lstm_flipout_forward(inputs, hx, means, deltas, **kwargs)
 
 
 class _MeanFieldNormal(nn.Module):
@@ -135,6 +190,10 @@ class _MeanFieldNormal(nn.Module):
         """One draw of every weight tensor, outside Pyro (predictions)."""
         return {s: self.distribution(s).rsample() for s in self.sites}
 
+    def means(self) -> dict[str, Tensor]:
+        """The posterior mean ``loc`` of every site."""
+        return {s: self.loc[self._key(s)] for s in self.sites}
+
 
 class _BayesianLSTMNet(nn.Module):
     r"""
@@ -155,8 +214,11 @@ class _BayesianLSTMNet(nn.Module):
         prior: Prior | Mapping,
         prior_scale: float,
         init_scale: float,
+        estimator: str,
     ) -> None:
         super().__init__()
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         for name, value in (("hidden_size", hidden_size), ("dataset_size", dataset_size),
                             ("num_layers", num_layers), ("input_size", input_size)):
             _positive_int(name, value)
@@ -179,6 +241,7 @@ class _BayesianLSTMNet(nn.Module):
         self.hidden_size = hidden_size
         self.dataset_size = dataset_size
         self.prior = prior
+        self.estimator = estimator
         self.encoder = _SequenceEncoder(input_size, hidden_size, num_layers, float(dropout), vocab_size, prior)
 
         init = {"embedding.weight": torch.randn(vocab_size, input_size)} if vocab_size is not None else {}
@@ -252,6 +315,11 @@ class _BayesianLSTMNet(nn.Module):
                            include_hidden_bias=False, A_prior_mean=self.out_prior_mean,
                            A_prior_scale=self.out_prior_scale, **kl_scaling)
 
+    def _guide_outputs(self, x: Tensor) -> Tensor:
+        """``B x T x H`` LSTM outputs under the guide's weight sites, by ``self.estimator``."""
+        centre = self.posterior.means() if self.estimator == "flipout" else None
+        return self.encoder.run(self.posterior.sample(), x, training=self.training, centre=centre)[0]
+
     def _sampled_outputs(self, x: Tensor, num_predictions: int) -> Tensor:
         """``S x B x T x H`` LSTM outputs, one posterior weight draw per ``s`` (dropout off)."""
         return torch.stack([self.encoder.run(self.posterior.rsample(), x, training=False)[0]
@@ -282,6 +350,8 @@ class BayesianLSTMClassifier(_BayesianLSTMNet):
         fields), e.g. ``Prior(kind="scale_mixture")`` for the paper's prior.
     :param float prior_scale: std of the zero-mean Normal prior of the output layer's weights.
     :param float init_scale: initial posterior std of every weight.
+    :param str estimator: ``"weight_space"`` (one shared draw, fused kernel) or ``"flipout"`` (training
+        only; see the module docstring).
     """
 
     def __init__(
@@ -297,6 +367,7 @@ class BayesianLSTMClassifier(_BayesianLSTMNet):
         prior: Prior | Mapping = Prior(),
         prior_scale: float = 1.0,
         init_scale: float = 1e-2,
+        estimator: str = "weight_space",
     ) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
@@ -311,13 +382,13 @@ class BayesianLSTMClassifier(_BayesianLSTMNet):
         super().__init__(out_features=num_classes, hidden_size=hidden_size, dataset_size=dataset_size,
                          input_size=embedding_dim if input_size is None else input_size, vocab_size=vocab_size,
                          num_layers=num_layers, dropout=0.0, prior=prior, prior_scale=prior_scale,
-                         init_scale=init_scale)
+                         init_scale=init_scale, estimator=estimator)
         self.num_classes = num_classes
         self.config = {
             "num_classes": num_classes, "hidden_size": hidden_size, "dataset_size": dataset_size,
             "vocab_size": vocab_size, "embedding_dim": embedding_dim, "input_size": input_size,
             "num_layers": num_layers, "prior": dataclasses.asdict(self.prior),
-            "prior_scale": float(prior_scale), "init_scale": float(init_scale),
+            "prior_scale": float(prior_scale), "init_scale": float(init_scale), "estimator": estimator,
         }
 
     def _check(self, x: Tensor, y: Tensor | None) -> None:
@@ -340,7 +411,7 @@ class BayesianLSTMClassifier(_BayesianLSTMNet):
         """Pyro guide: global mean-field weight sites, then the output layer (``dataset_size=N``)."""
         self._check(x, y)
         pyro.module(self._pyro_name, self)
-        X = _append_ones(self.encoder.run(self.posterior.sample(), x, training=self.training)[0][:, -1])
+        X = _append_ones(self._guide_outputs(x)[:, -1])
         with self._plate(x):
             return pyro.sample("logits", self._variational_layer(X, dataset_size=self.dataset_size))
 
@@ -384,6 +455,8 @@ class BayesianLSTMLanguageModel(_BayesianLSTMNet):
     :param float prior_scale: std of the zero-mean Normal prior of the output layer's weights.
     :param float dropout: dropout between LSTM layers during training (none at prediction).
     :param float init_scale: initial posterior std of every weight.
+    :param str estimator: ``"weight_space"`` (one shared draw, fused kernel) or ``"flipout"`` (training
+        only; see the module docstring).
     """
 
     def __init__(
@@ -398,15 +471,17 @@ class BayesianLSTMLanguageModel(_BayesianLSTMNet):
         prior_scale: float = 1.0,
         dropout: float = 0.0,
         init_scale: float = 1e-2,
+        estimator: str = "weight_space",
     ) -> None:
         super().__init__(out_features=_positive_int("vocab_size", vocab_size), hidden_size=hidden_size,
                          dataset_size=dataset_size, input_size=_positive_int("embedding_dim", embedding_dim),
                          vocab_size=vocab_size, num_layers=num_layers, dropout=dropout, prior=prior,
-                         prior_scale=prior_scale, init_scale=init_scale)
+                         prior_scale=prior_scale, init_scale=init_scale, estimator=estimator)
         self.config = {
             "vocab_size": vocab_size, "embedding_dim": embedding_dim, "hidden_size": hidden_size,
             "num_layers": num_layers, "dataset_size": dataset_size, "prior": dataclasses.asdict(self.prior),
             "prior_scale": float(prior_scale), "dropout": float(dropout), "init_scale": float(init_scale),
+            "estimator": estimator,
         }
 
     def _check(self, x: Tensor, y: Tensor | None) -> None:
@@ -422,14 +497,14 @@ class BayesianLSTMLanguageModel(_BayesianLSTMNet):
         X = _append_ones(self.encoder(x))
         with self._plate(x):
             logits = pyro.sample("logits", self._prior_layer(X).to_event(1))
-            pyro.sample("y", dist.Categorical(logits=logits).to_event(1), obs=y)
+            pyro.sample("y", _SoftmaxCategorical(logits).to_event(1), obs=y)
         return logits
 
     def guide(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Pyro guide: global mean-field weight sites, then the output layer (``KL_factor = 1/N``)."""
         self._check(x, y)
         pyro.module(self._pyro_name, self)
-        X = _append_ones(self.encoder.run(self.posterior.sample(), x, training=self.training)[0])
+        X = _append_ones(self._guide_outputs(x))
         with self._plate(x):
             layer = self._variational_layer(X, KL_factor=1.0 / self.dataset_size)
             return pyro.sample("logits", layer.to_event(1))

@@ -5,7 +5,7 @@ from bnnpyro.nn.convert import estimator_for, pretrained_values, to_bayesian
 from bnnpyro.nn.embedding import BayesianEmbedding
 from bnnpyro.nn.estimators import ESTIMATORS, Flipout, LocalReparameterization, WeightSpace, estimator
 from bnnpyro.nn.linear import BayesianLinear
-from bnnpyro.nn.lstm import BayesianLSTM, BayesianWeights, lstm_forward
+from bnnpyro.nn.lstm import BayesianLSTM, BayesianWeights, flipout_signs, lstm_flipout_forward, lstm_forward
 from bnnpyro.nn.mlp import LIKELIHOODS, BayesianMLP
 
 __all__ = [
@@ -22,6 +22,8 @@ __all__ = [
     "WeightSpace",
     "estimator",
     "estimator_for",
+    "flipout_signs",
+    "lstm_flipout_forward",
     "lstm_forward",
     "pretrained_values",
     "to_bayesian",

@@ -13,16 +13,23 @@ samples, ``vectorize_particles=True``, or a data plate) the weights would gain a
 dimension that the kernel does not accept. Call the layer outside data plates and loop
 over weight draws.
 
-Reference: Fortunato, M., Blundell, C., Vinyals, O. (2017). Bayesian Recurrent Neural
-Networks. arXiv:1704.02798.
+:func:`lstm_flipout_forward` is the flipout estimator (Wen et al., 2018) as a separate
+functional path: every sequence of the batch gets its own pseudo-independent weights (sign
+flips of one shared perturbation, fixed across time steps), which the fused kernel cannot
+take, so it runs a Python loop over time steps.
+
+References: Fortunato, M., Blundell, C., Vinyals, O. (2017). Bayesian Recurrent Neural
+Networks. arXiv:1704.02798. Wen, Y., Vicol, P., Ba, J., Tran, D., Grosse, R. (2018). Flipout:
+Efficient Pseudo-Independent Weight Perturbations on Mini-batches. ICLR.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Mapping, Optional, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.nn import PyroModule, PyroSample
 from torch import Tensor, _VF, nn
@@ -127,6 +134,157 @@ def lstm_forward(
     if not is_batched:
         return output.squeeze(batch_dim), (h_n.squeeze(1), c_n.squeeze(1))
     return output, (h_n, c_n)
+
+
+def flipout_signs(batch_size: int, weights: Sequence[Tensor], bias: bool) -> list[tuple[Tensor, Tensor]]:
+    r"""
+    Random sign vectors for :func:`lstm_flipout_forward`: for every weight matrix ``W`` (``out x in``)
+    of ``weights`` (``nn.LSTM._flat_weights`` order, biases skipped) a pair ``(s_in, s_out)`` of
+    i.i.d. uniform :math:`\pm 1` entries, ``B x in`` and ``B x out``.
+
+    :param batch_size: ``B``, the number of sequences.
+    :param weights: the flat weights (or anything of their shapes, dtype and device).
+    :param bias: whether ``weights`` holds biases (``4`` tensors per layer and direction, else ``2``).
+    """
+    per_layer = 4 if bias else 2
+    matrices = [w for i, w in enumerate(weights) if i % per_layer < 2]
+
+    def signs(n: int, like: Tensor) -> Tensor:
+        return like.new_empty(batch_size, n).bernoulli_(0.5).mul_(2.0).sub_(1.0)
+
+    return [(signs(w.shape[1], w), signs(w.shape[0], w)) for w in matrices]
+
+
+def _flipout_linear(x: Tensor, mean: Tensor, delta: Tensor, s_in: Tensor, s_out: Tensor) -> Tensor:
+    r"""``x @ mean^T + ((x * s_in) @ delta^T) * s_out``: rows ``b`` of ``x`` (``... x B x in``) see
+    the weights ``mean + (s_out[b] s_in[b]^T) * delta`` (Wen et al., 2018, eq. 5)."""
+    return torch.addcmul(x @ mean.t(), (x * s_in) @ delta.t(), s_out)
+
+
+def _flipout_recurrence(
+    gates_x: Tensor, h: Tensor, c: Tensor, mean_hh: Tensor, delta_hh: Tensor,
+    s_in: Tensor, s_out: Tensor, reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer and direction over time: ``gates_x`` (``T x B x 4H``, input part of the gates with
+    bias) -> ``(output T x B x H, h_n, c_n)``, gate order ``i, f, g, o`` as ``nn.LSTM``."""
+    outputs: list[Tensor] = [gates_x.new_empty(0)] * gates_x.size(0)
+    steps = range(gates_x.size(0) - 1, -1, -1) if reverse else range(gates_x.size(0))
+    for t in steps:
+        gates = gates_x[t] + _flipout_linear(h, mean_hh, delta_hh, s_in, s_out)
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outputs[t] = h
+    return torch.stack(outputs), h, c
+
+
+def lstm_flipout_forward(
+    input: Tensor,
+    hx: Optional[LSTMState],
+    mean_weights: Sequence[Tensor],
+    delta_weights: Sequence[Tensor],
+    signs: Optional[Sequence[tuple[Tensor, Tensor]]] = None,
+    *,
+    num_layers: int,
+    bias: bool,
+    batch_first: bool,
+    bidirectional: bool = False,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> tuple[Tensor, LSTMState]:
+    r"""
+    An LSTM with **flipout** weight perturbations (Wen et al., 2018), sign flips fixed across time.
+
+    Sequence ``b`` of the batch runs an ordinary LSTM whose every weight matrix is
+
+    .. math:: W_b = \bar W + (s^{\text{out}}_b\, {s^{\text{in}}_b}^\top) \odot \Delta W,
+
+    ``\bar W`` from ``mean_weights``, ``\Delta W`` from ``delta_weights`` (one draw per call, e.g.
+    ``w - \bar W`` for a posterior sample ``w``) and ``s_b`` i.i.d. uniform :math:`\pm 1` vectors
+    drawn once per call, per sequence and per weight matrix, and reused at every time step (the
+    paper's recurrent setting, Sec. 4). The product is never formed: the gates are
+    ``x @ W_mean^T + ((x * s_in_b) @ dW^T) * s_out_b``, one ``4H``-wide matmul per weight per step
+    (the input part of all steps in one matmul per layer). If ``\Delta W`` is symmetric about 0
+    (e.g. ``Normal(0, sigma)``) and independent of the signs, each ``W_b`` has the distribution of
+    ``\bar W + \Delta W``, so every sequence's output has the same distribution as under one shared
+    weight draw, while the sequences of a batch see pseudo-independent perturbations (lower-variance
+    gradients than one shared draw).
+
+    **Biases** are not flipped: each layer adds ``b_mean + db`` (one draw shared by every sequence),
+    as in the reference implementation accompanying the paper (``tf.contrib.bayesflow``'s flipout
+    layers add one posterior sample of the bias to every example); the paper defines flipout for
+    weight matrices.
+
+    The recurrence is a Python loop over time steps (torch's fused kernel takes one weight set for
+    the whole batch), so it is slower than :func:`lstm_forward`. No projections
+    (``proj_size``) and no packed sequences.
+
+    :param input: ``T x B x D`` (``B x T x D`` if ``batch_first``).
+    :param hx: ``(h_0, c_0)``, each ``(L*dirs) x B x H``, or None for zeros.
+    :param mean_weights: ``\bar W`` in ``nn.LSTM._flat_weights`` order: per layer and direction
+        ``weight_ih (4H x D_l)``, ``weight_hh (4H x H)``, then if ``bias`` ``bias_ih``, ``bias_hh`` (``4H``).
+    :param delta_weights: ``\Delta W``, the same shapes and order.
+    :param signs: one ``(s_in, s_out)`` per weight matrix (``weight_ih``/``weight_hh`` of each layer
+        and direction, in flat order), ``B x in`` and ``B x 4H``, entries :math:`\pm 1`;
+        None draws them with :func:`flipout_signs`.
+    :param dropout: dropout on the outputs of every layer but the last, when ``training`` (as ``nn.LSTM``).
+    :return: ``(output, (h_n, c_n))`` as ``nn.LSTM``: output ``T x B x (dirs*H)`` (``B x T x ...`` if
+        ``batch_first``), ``h_n``, ``c_n`` ``(L*dirs) x B x H``.
+
+    Reference: Wen, Y., Vicol, P., Ba, J., Tran, D., Grosse, R. (2018). Flipout: Efficient
+    Pseudo-Independent Weight Perturbations on Mini-batches. ICLR.
+    """
+    if isinstance(input, PackedSequence):
+        raise NotImplementedError("lstm_flipout_forward does not take packed sequences; pad them")
+    if not torch.is_tensor(input) or input.dim() != 3:
+        raise ValueError(f"input must be a 3-D tensor (T x B x D, or B x T x D if batch_first), "
+                         f"got {getattr(input, 'shape', type(input).__name__)}")
+    num_directions = 2 if bidirectional else 1
+    per_layer = 4 if bias else 2
+    expected = num_layers * num_directions * per_layer
+    if len(mean_weights) != expected or len(delta_weights) != expected:
+        raise ValueError(f"expected {expected} mean and delta weight tensors, got "
+                         f"{len(mean_weights)} and {len(delta_weights)}")
+    for i, (m, d) in enumerate(zip(mean_weights, delta_weights)):
+        if m.shape != d.shape:
+            raise ValueError(f"delta_weights[{i}] has shape {tuple(d.shape)}, mean_weights[{i}] {tuple(m.shape)}")
+    hidden_size = mean_weights[1].shape[0] // 4
+    if mean_weights[1].shape[1] != hidden_size:
+        raise ValueError("lstm_flipout_forward does not support projections (proj_size)")
+    x = input.transpose(0, 1) if batch_first else input
+    batch = x.size(1)
+    if signs is None:
+        signs = flipout_signs(batch, mean_weights, bias)
+    if len(signs) != 2 * num_layers * num_directions:
+        raise ValueError(f"expected {2 * num_layers * num_directions} (s_in, s_out) pairs, got {len(signs)}")
+    state_dims = num_layers * num_directions
+    if hx is None:
+        zeros = x.new_zeros(state_dims, batch, hidden_size)
+        hx = (zeros, zeros)
+    else:
+        _check_hidden(hx, (state_dims, batch, hidden_size), (state_dims, batch, hidden_size))
+
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        if layer > 0 and dropout and training:
+            x = F.dropout(x, dropout, training=True)
+        outputs = []
+        for direction in range(num_directions):
+            k = layer * num_directions + direction
+            means = mean_weights[k * per_layer: (k + 1) * per_layer]
+            deltas = delta_weights[k * per_layer: (k + 1) * per_layer]
+            (s_in_ih, s_out_ih), (s_in_hh, s_out_hh) = signs[2 * k], signs[2 * k + 1]
+            gates_x = _flipout_linear(x, means[0], deltas[0], s_in_ih, s_out_ih)
+            if bias:
+                gates_x = gates_x + (means[2] + deltas[2] + means[3] + deltas[3])
+            out, h, c = _flipout_recurrence(gates_x, hx[0][k], hx[1][k], means[1], deltas[1],
+                                            s_in_hh, s_out_hh, reverse=direction == 1)
+            outputs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        x = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=-1)
+    output = x.transpose(0, 1) if batch_first else x
+    return output, (torch.stack(h_n), torch.stack(c_n))
 
 
 class BayesianWeights(PyroModule):
