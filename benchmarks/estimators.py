@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=200, help="gradient draws per estimator")
     parser.add_argument("--warmup", type=int, default=300, help="training steps before measuring")
+    parser.add_argument("--warmup-lr", type=float, default=1e-3, help="Adam learning rate of the warm-up")
     parser.add_argument("--time-repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/estimators.json")
@@ -124,7 +125,7 @@ def main() -> None:
     N = len(x_all)
 
     base = _model("local_reparameterization", N)
-    svi = SVI(base.model, base.guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
+    svi = SVI(base.model, base.guide, pyro.optim.Adam({"lr": args.warmup_lr}), TraceMeanField_ELBO())
     for step in range(args.warmup):
         idx = torch.randint(0, N, (args.batch,))
         svi.step(x_all[idx], y_all[idx])
@@ -161,7 +162,10 @@ def main() -> None:
         rows.append(row)
         print(f"{e:<26} {total[e]:26.3e} {row['var_vs_local_reparameterization']:16.1f}x "
               f"{t:10.2f} ({t / det:.2f}x) {v:10.2f} ({v / det:.2f}x)")
+    scales = torch.cat([torch.nn.functional.softplus(r).flatten() for r in base.A_rho]).detach()
+    print(f"posterior std after warm-up: median {scales.median():.4f}, mean {scales.mean():.4f}")
     write_json(args.out, {"data": source, "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
+                          "warmup_lr": args.warmup_lr, "posterior_std_median": scales.median().item(),
                           "threads": args.threads, "deterministic_ms": det, "rows": rows})
 
 
