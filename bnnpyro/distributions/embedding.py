@@ -12,7 +12,7 @@ from torch.distributions import Distribution, constraints
 from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
-from bnnpyro.distributions.kl import normal_kl_sum
+from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
 EMBEDDING_ESTIMATORS = ("local_reparameterization", "weight_space")
 
@@ -111,12 +111,7 @@ class EmbeddingLayer(TorchDistribution):
                 raise ValueError(f"padding_idx must be an int in [-{V}, {V}) (V = W_mean.size(0)), got {padding_idx!r}")
             padding_idx %= V
         rows = input.size(-2)
-        if dataset_size is not None:
-            if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
-                raise ValueError(f"dataset_size must be a positive int, got {dataset_size!r}")
-            if not (isinstance(KL_factor, Number) and KL_factor == 1.0):
-                raise ValueError("give either KL_factor or dataset_size, not both")
-            KL_factor = rows / dataset_size
+        KL_factor = minibatch_kl_factor(rows, KL_factor, dataset_size)
 
         self.input = input
         self._input_distinct = input

@@ -13,7 +13,7 @@ from torch.distributions import Distribution, constraints
 from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
-from bnnpyro.distributions.kl import normal_kl_sum
+from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
 
 ESTIMATORS = ("local_reparameterization", "weight_space", "flipout")
@@ -197,12 +197,7 @@ class HiddenLayer(TorchDistribution):
         if not callable(non_linearity):
             raise TypeError(f"non_linearity must be callable, got {type(non_linearity).__name__}")
         rows = X.size(-2) if X.dim() >= 2 else 1
-        if dataset_size is not None:
-            if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
-                raise ValueError(f"dataset_size must be a positive int, got {dataset_size!r}")
-            if not (isinstance(KL_factor, Number) and KL_factor == 1.0):
-                raise ValueError("give either KL_factor or dataset_size, not both")
-            KL_factor = rows / dataset_size
+        KL_factor = minibatch_kl_factor(rows, KL_factor, dataset_size)
 
         self.X = X
         self._X_distinct = X

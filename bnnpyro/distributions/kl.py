@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from numbers import Number
+
 import torch
 from torch import Tensor
 
@@ -56,3 +58,24 @@ def normal_kl_sum(
     p_mean = torch.as_tensor(p_mean, dtype=q_mean.dtype, device=q_mean.device).reshape(())
     squares = q_scale.pow(2).sum() + (q_mean - p_mean).pow(2).sum()
     return 0.5 * squares / p_scale.pow(2) - q_scale.log().sum() + n * (p_scale.log() - 0.5)
+
+
+def minibatch_kl_factor(
+    rows: int, KL_factor: float | Tensor = 1.0, dataset_size: int | None = None
+) -> float | Tensor:
+    r"""
+    The multiplier of a layer's KL for a minibatch of ``rows`` rows: ``KL_factor`` as given, or
+    ``rows / dataset_size`` when ``dataset_size = N`` is given, so that inside
+    ``pyro.plate("data", N, subsample_size=rows)`` (scale ``N / rows``) the KL is counted once.
+
+    Raises:
+        ValueError: ``dataset_size`` is not a positive int, or both it and a ``KL_factor`` other
+            than 1 are given.
+    """
+    if dataset_size is None:
+        return KL_factor
+    if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
+        raise ValueError(f"dataset_size must be a positive int, got {dataset_size!r}")
+    if not (isinstance(KL_factor, Number) and KL_factor == 1.0):
+        raise ValueError("give either KL_factor or dataset_size, not both")
+    return rows / dataset_size
