@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnnpyro._checks import positive_int
 from bnnpyro.distributions import ConvLayer, HiddenLayer, normal_kl_sum
 from bnnpyro.distributions.hidden_layer import ESTIMATORS
 from bnnpyro.nn.activations import identity, inverse_softplus
@@ -45,11 +46,6 @@ __all__ = ["BayesianCNNClassifier"]
 
 _instance_counter = itertools.count()
 
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _max_pool(h: Tensor) -> Tensor:
@@ -100,18 +96,18 @@ class BayesianCNNClassifier(nn.Module):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        _positive_int("dataset_size", dataset_size)
-        _positive_int("in_channels", in_channels)
-        if _positive_int("kernel_size", kernel_size) % 2 == 0:
+        positive_int("dataset_size", dataset_size)
+        positive_int("in_channels", in_channels)
+        if positive_int("kernel_size", kernel_size) % 2 == 0:
             raise ValueError(f"kernel_size must be odd (same padding), got {kernel_size}")
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if len(size) != 2:
             raise ValueError(f"image_size must be an int or (H, W), got {image_size!r}")
         for s in size:
-            _positive_int("image_size", s)
+            positive_int("image_size", s)
         channels, hidden = tuple(channels), tuple(hidden)
         for c in channels + hidden:
-            _positive_int("channels and hidden widths", c)
+            positive_int("channels and hidden widths", c)
         if not channels:
             raise ValueError("channels must name at least one convolution block")
         if min(size) < 2 ** len(channels):

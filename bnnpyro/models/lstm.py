@@ -58,6 +58,7 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 from torch.distributions import constraints
 
+from bnnpyro._checks import positive_int
 from bnnpyro.distributions import HiddenLayer, Prior
 from bnnpyro.nn import BayesianEmbedding, BayesianLSTM, lstm_forward
 from bnnpyro.nn.activations import identity, inverse_softplus
@@ -69,11 +70,6 @@ __all__ = ["BayesianLSTMClassifier", "BayesianLSTMLanguageModel"]
 _instance_counter = itertools.count()
 ESTIMATORS: tuple[str, ...] = ("weight_space", "flipout")
 
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class _SoftmaxCategorical(TorchDistribution):
@@ -221,9 +217,9 @@ class _BayesianLSTMNet(nn.Module):
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         for name, value in (("hidden_size", hidden_size), ("dataset_size", dataset_size),
                             ("num_layers", num_layers), ("input_size", input_size)):
-            _positive_int(name, value)
+            positive_int(name, value)
         if vocab_size is not None:
-            _positive_int("vocab_size", vocab_size)
+            positive_int("vocab_size", vocab_size)
         if isinstance(prior, Mapping):
             prior = Prior(**prior)
         if not isinstance(prior, Prior):
@@ -295,7 +291,7 @@ class _BayesianLSTMNet(nn.Module):
 
     @staticmethod
     def _check_num_predictions(num_predictions: int) -> int:
-        return _positive_int("num_predictions", num_predictions)
+        return positive_int("num_predictions", num_predictions)
 
     # -- layers ------------------------------------------------------------------------------
 
@@ -376,7 +372,7 @@ class BayesianLSTMClassifier(_BayesianLSTMNet):
         if vocab_size is not None:
             if embedding_dim is None:
                 raise ValueError("embedding_dim is required with vocab_size")
-            _positive_int("embedding_dim", embedding_dim)
+            positive_int("embedding_dim", embedding_dim)
         if input_size is not None and embedding_dim is not None:
             raise ValueError("embedding_dim is only used with vocab_size, not with input_size")
         super().__init__(out_features=num_classes, hidden_size=hidden_size, dataset_size=dataset_size,
@@ -473,8 +469,8 @@ class BayesianLSTMLanguageModel(_BayesianLSTMNet):
         init_scale: float = 1e-2,
         estimator: str = "weight_space",
     ) -> None:
-        super().__init__(out_features=_positive_int("vocab_size", vocab_size), hidden_size=hidden_size,
-                         dataset_size=dataset_size, input_size=_positive_int("embedding_dim", embedding_dim),
+        super().__init__(out_features=positive_int("vocab_size", vocab_size), hidden_size=hidden_size,
+                         dataset_size=dataset_size, input_size=positive_int("embedding_dim", embedding_dim),
                          vocab_size=vocab_size, num_layers=num_layers, dropout=dropout, prior=prior,
                          prior_scale=prior_scale, init_scale=init_scale, estimator=estimator)
         self.config = {
@@ -531,7 +527,7 @@ class BayesianLSTMLanguageModel(_BayesianLSTMNet):
         self._check_labels(y, tuple(x.shape), self.vocab_size, "next-token ids")
         S = self._check_num_predictions(num_predictions)
         total = x.new_zeros((), dtype=self.out_mean.dtype)
-        for xb, yb in zip(x.split(_positive_int("batch_size", batch_size)), y.split(batch_size)):
+        for xb, yb in zip(x.split(positive_int("batch_size", batch_size)), y.split(batch_size)):
             log_probs = self.get_logits(xb, S).log_softmax(-1)  # b x S x T x V
             picked = log_probs.gather(-1, yb[:, None, :, None].expand(-1, S, -1, 1)).squeeze(-1)
             total += (torch.logsumexp(picked, dim=1) - math.log(S)).sum()
@@ -546,7 +542,7 @@ class BayesianLSTMLanguageModel(_BayesianLSTMNet):
         if not (torch.is_tensor(prompt) and prompt.dtype == torch.long and prompt.dim() == 1 and prompt.numel()):
             raise ValueError("prompt must be a non-empty 1-D int64 tensor of token ids")
         self._check_x(prompt[None])
-        _positive_int("num_tokens", num_tokens)
+        positive_int("num_tokens", num_tokens)
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature!r}")
         weights = self.posterior.rsample()

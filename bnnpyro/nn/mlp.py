@@ -28,17 +28,13 @@ from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
 from torch.distributions import constraints
 
+from bnnpyro._checks import positive_int
 from bnnpyro.distributions.priors import Prior
 from bnnpyro.nn.activations import resolve_non_linearity
 from bnnpyro.nn.linear import BayesianLinear
 
 LIKELIHOODS = ("regression", "classification")
 
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class BayesianMLP(PyroModule):
@@ -103,10 +99,10 @@ class BayesianMLP(PyroModule):
         super().__init__()
         if isinstance(prior, dict):
             prior = Prior(**prior)
-        self.in_features = _positive_int("in_features", in_features)
-        self.out_features = _positive_int("out_features", out_features)
-        self.hidden = tuple(_positive_int("hidden", h) for h in hidden)
-        self.dataset_size = None if dataset_size is None else _positive_int("dataset_size", dataset_size)
+        self.in_features = positive_int("in_features", in_features)
+        self.out_features = positive_int("out_features", out_features)
+        self.hidden = tuple(positive_int("hidden", h) for h in hidden)
+        self.dataset_size = None if dataset_size is None else positive_int("dataset_size", dataset_size)
         self.non_linearity = resolve_non_linearity(non_linearity)
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
