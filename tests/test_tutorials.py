@@ -1,6 +1,5 @@
 """Every tutorial notebook runs top to bottom (with ``BNNPYRO_SMALL=1``) and prints its metrics."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ EXPECTED = {
     "02_regression_uncertainty.ipynb": ["coverage", "RMSE", "LL", "hand", "AnalyticAutoNormal", "AutoLowRankMVN"],
     "03_classification_calibration.ipynb": ["accuracy", "nll", "ece", "mi_in", "mi_ood", "auroc_entropy", "auroc_mi"],
     "04_bayesian_lstm.ipynb": ["accuracy", "ece", "mi_in", "auroc_mi", "val_perplexity"],
+    "05_to_bayesian.ipynb": ["deterministic", "bayesian", "accuracy", "nll", "ece", "auroc_mi", "grad_var"],
 }
 
 
