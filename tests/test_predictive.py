@@ -162,3 +162,38 @@ def test_vectorized_equals_loop_autoguides(guide_name):
     torch.testing.assert_close(predictive_std(mv, sv), predictive_std(ml, sl), rtol=1e-5, atol=1e-5)
     # the S draws differ: this is a distribution, not one network repeated
     assert f_vec.std(0).min() > 0
+
+
+def test_sequential_fallback_matches_vectorized_and_runs_a_converted_cnn():
+    """``vectorize=False``: S passes of one network each. Same predictive moments as the vectorized
+    pass (5 standard errors), and it runs a ``to_bayesian`` CNN, which the vectorized pass cannot
+    (``F.conv2d`` and pooling take one weight draw and 4-D inputs)."""
+    from pyro.infer.autoguide import AutoNormal
+    from torch import nn
+
+    from bnnpyro.nn import to_bayesian
+
+    m = BayesianMLPRegressor(3, hidden=(5,), dataset_size=50, init_scale=0.3)
+    x = torch.randn(6, 3)
+    S = 3000
+    a = sample_predictive(m.model, m.guide, x, S)["f"]
+    b = sample_predictive(m.model, m.guide, x, S, vectorize=False, chunk_size=4)["f"]
+    assert a.shape == b.shape == (S, 6, 1)
+    se = ((a.var(0) + b.var(0)) / S).sqrt()
+    assert ((a.mean(0) - b.mean(0)).abs() < 5 * se).all()
+
+    cnn = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32, 3))
+    bnn = to_bayesian(cnn)
+
+    def model(x, y=None):
+        logits = bnn(x)
+        with pyro.plate("data", 10, subsample=torch.arange(len(x))):
+            pyro.sample("y", pyro.distributions.Categorical(logits=logits), obs=y)
+        return logits
+
+    images = torch.randn(5, 1, 8, 8)
+    guide = AutoNormal(model, init_scale=0.1)
+    guide(images, torch.zeros(5, dtype=torch.long))
+    out = sample_predictive(model, guide, images, 7, vectorize=False, return_sites=["4.weight"])
+    assert out["f"].shape == (7, 5, 3) and out["4.weight"].shape == (7, 3, 32)
+    assert out["f"].std(0).min() > 0

@@ -47,6 +47,11 @@ class ConvLayer(TorchDistribution):
 
     - ``"local_reparameterization"`` (default, Kingma et al., 2015): every output
       element drawn independently from its marginal; two convolutions, no weight sample.
+      Exact per element, but the positions of one row are independent here while one filter
+      draw correlates them: after a layer that combines positions (pooling, flattening into
+      a linear layer) the joint distribution, and so the ELBO, is the usual approximation
+      (as in Molchanov et al., 2017), not the weight-space one. Flipout and weight-space
+      sampling are exact per row.
     - ``"weight_space"``: one filter (and bias) draw per replica of the network
       (per element of ``sample_shape + batch_shape[:-1]``), shared by all rows of the
       minibatch; the replicas run as one grouped convolution.

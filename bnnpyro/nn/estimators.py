@@ -28,9 +28,16 @@ Anything else (weights not recorded, e.g. drawn by ``AutoDiagonalNormal``'s join
 batched weights under ``vectorize_particles``, other ops such as the LSTM kernel or
 ``F.embedding``) runs unchanged, i.e. with weight-space sampling.
 
-Both estimators are unbiased: for every example the output has the distribution it has under
-weight-space sampling, so the expected ELBO is unchanged; only the correlation between the
-examples of a mini-batch (and so the gradient variance) differs. The weight draw itself is still
+Flipout is exact: every example sees one full weight draw (the mean plus the shared perturbation
+with its rows and columns sign-flipped), so the expected ELBO is that of weight-space sampling and
+only the correlation between examples (and so the gradient variance) differs. Local
+reparameterization is exact for ``F.linear``: each output unit of an example has its exact
+marginal and the units are independent under a mean-field posterior. For convolutions it samples
+every output *position* independently, while under one weight draw the positions of an example
+are correlated through the shared filter; layers that then combine positions (pooling,
+flattening into a linear layer) see a different joint distribution, so the objective is the
+usual approximation of Kingma et al. (2015) and Molchanov et al. (2017), not the weight-space
+ELBO. The weight draw itself is still
 used by the ELBO's ``log q(w) - log p(w)`` term (or replaced by the analytic KL).
 
 References:
@@ -38,6 +45,8 @@ References:
     reparameterization trick. NeurIPS.
     Wen, Y., Vicol, P., Ba, J., Tran, D., Grosse, R. (2018). Flipout: Efficient pseudo-independent
     weight perturbations on mini-batches. ICLR.
+    Molchanov, D., Ashukha, A., Vetrov, D. (2017). Variational dropout sparsifies deep neural
+    networks. ICML.
 """
 
 from __future__ import annotations

@@ -74,6 +74,7 @@ def sample_predictive(
     chunk_size: int | str | None = "auto",
     max_plate_nesting: int = 1,
     estimator: str | None = "auto",
+    vectorize: bool = True,
     **kwargs,
 ) -> dict[str, Tensor]:
     r"""
@@ -105,6 +106,9 @@ def sample_predictive(
         weight-space sampling, both exact per input (see :class:`_LayerSampling`);
         ``"local_reparameterization"`` or ``"weight_space"`` force one; ``None`` keeps each
         layer's own setting.
+    :param bool vectorize: ``False`` runs ``S`` passes of one network each instead, for models whose
+        layers cannot take a stack of weight draws (e.g. a :func:`bnnpyro.nn.to_bayesian` CNN, whose
+        ``F.conv2d`` and pooling expect 4-D inputs); same distribution, a Python loop over samples.
     :returns: ``{"f": S x N x W, **{site: S x ...}}``.
     """
     if not torch.is_tensor(x):
@@ -118,34 +122,53 @@ def sample_predictive(
     if estimator not in _ESTIMATORS:
         raise ValueError(f"estimator must be one of {_ESTIMATORS}, got {estimator!r}")
     chunks = x.split(chunk_size or max(len(x), 1))
-    plate = pyro.plate(_PARTICLE_PLATE, num_samples, dim=-max_plate_nesting - 1)
     if estimator is not None:
         guide = _LayerSampling(estimator)(guide)
+    with torch.no_grad():
+        if vectorize:
+            plate = pyro.plate(_PARTICLE_PLATE, num_samples, dim=-max_plate_nesting - 1)
+            f, extra = _predictive_pass(model, guide, chunks, plate, return_sites, kwargs)
+            extra = {
+                name: value.reshape((num_samples,) + value.shape[max_plate_nesting + 1 :])
+                if value.dim() > max_plate_nesting and value.size(0) == num_samples else value
+                for name, value in extra.items()
+            }
+            return {"f": f.reshape((num_samples,) + f.shape[-2:]) if f.dim() >= 2 else f, **extra}
+        draws = [_predictive_pass(model, guide, chunks, None, return_sites, kwargs) for _ in range(num_samples)]
+    result = {"f": torch.stack([f for f, _ in draws])}
+    for name in return_sites:
+        result[name] = torch.stack([extra[name] for _, extra in draws])
+    return result
+
+
+def _predictive_pass(
+    model: Callable, guide: Callable, chunks: Sequence[Tensor], plate: pyro.plate | None,
+    return_sites: Sequence[str], kwargs: dict,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """
+    The model's output on all ``chunks`` (concatenated along the rows, dim -2) for one draw of the
+    global sites, taken on the first chunk and replayed on the others; under ``plate`` (the particle
+    plate) the draw is ``S`` networks at once. Returns ``(f, {site: value})``.
+    """
+    def wrap(fn: Callable) -> Callable:
+        return fn if plate is None else plate(fn)
+
     global_values: dict[str, Tensor] | None = None
     outputs = []
     extra: dict[str, Tensor] = {}
-    with torch.no_grad():
-        for chunk in chunks:
-            guide_fn = plate(guide) if global_values is None else poutine.condition(plate(guide), global_values)
-            guide_trace = poutine.trace(guide_fn).get_trace(chunk, **kwargs)
-            if global_values is None:
-                global_values = {
-                    name: site["value"]
-                    for name, site in guide_trace.iter_stochastic_nodes()
-                    if _is_global(site)
-                }
-                for name in return_sites:
-                    if name not in guide_trace.nodes:
-                        raise ValueError(f"return_sites: {name!r} is not a site of the guide")
-                    extra[name] = guide_trace.nodes[name]["value"]
-            model_fn = poutine.replay(plate(model), trace=guide_trace)
-            f = model_fn(chunk, **kwargs)
-            if not torch.is_tensor(f):
-                raise TypeError("the model must return the network output f as a tensor")
-            outputs.append(f.reshape((num_samples,) + f.shape[-2:]) if f.dim() >= 2 else f)
-    result = {"f": torch.cat(outputs, dim=-2)}
-    for name, value in extra.items():
-        result[name] = value.reshape((num_samples,) + value.shape[max_plate_nesting + 1 :]) if (
-            value.dim() > max_plate_nesting and value.size(0) == num_samples
-        ) else value
-    return result
+    for chunk in chunks:
+        guide_fn = wrap(guide) if global_values is None else poutine.condition(wrap(guide), global_values)
+        guide_trace = poutine.trace(guide_fn).get_trace(chunk, **kwargs)
+        if global_values is None:
+            global_values = {
+                name: site["value"] for name, site in guide_trace.iter_stochastic_nodes() if _is_global(site)
+            }
+            for name in return_sites:
+                if name not in guide_trace.nodes:
+                    raise ValueError(f"return_sites: {name!r} is not a site of the guide")
+                extra[name] = guide_trace.nodes[name]["value"]
+        f = poutine.replay(wrap(model), trace=guide_trace)(chunk, **kwargs)
+        if not torch.is_tensor(f):
+            raise TypeError("the model must return the network output f as a tensor")
+        outputs.append(f)
+    return torch.cat(outputs, dim=-2), extra
