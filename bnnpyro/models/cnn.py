@@ -18,8 +18,10 @@ minimises the full-data objective
 .. math:: -\mathrm{ELBO} = \frac{N}{B}\sum_{n\in\text{batch}} \mathbb E_q[-\log p(y_n\mid x_n, W)]
           + \mathrm{KL}(q(W)\,\Vert\,p(W))
 
-with the KL counted once per step. Each layer samples with ``estimator`` (local
-reparameterization by default; ``"flipout"`` or ``"weight_space"``).
+with the KL counted once per step. Each layer samples with ``estimator``: local
+reparameterization by default (for the convolutions the customary approximation, as it samples
+positions independently, see :class:`~bnnpyro.distributions.ConvLayer`), or ``"flipout"`` and
+``"weight_space"``, which are exact.
 
 Reference: LeCun, Y., Bottou, L., Bengio, Y., Haffner, P. (1998). Gradient-based learning applied
 to document recognition. Proc. IEEE.
