@@ -73,3 +73,12 @@ def test_make_unique_keeps_two_guides_apart():
         a.locs.w.fill_(1.0)
     assert torch.equal(b.locs.w, torch.zeros(3, 4))
     assert len([k for k in pyro.get_param_store().keys() if k.endswith("locs.w")]) == 2
+
+
+def test_two_guides_never_share_parameters_by_default():
+    a, b = AnalyticAutoNormal(model), AnalyticAutoNormal(model)
+    a(), b()
+    with torch.no_grad():
+        a.locs.w.fill_(1.0)
+    assert torch.equal(b.locs.w, torch.zeros(3, 4))
+    assert len([k for k in pyro.get_param_store().keys() if k.endswith("locs.w")]) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from contextlib import ExitStack
 
 import pyro
@@ -9,6 +10,9 @@ import pyro.distributions as dist
 from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoNormal
 from torch.distributions import biject_to, constraints
+
+
+_instance_counter = itertools.count()
 
 
 def _is_real(support) -> bool:
@@ -27,7 +31,15 @@ class AnalyticAutoNormal(AutoNormal):
     ``log q - log p``. Here, for a Normal prior, ``kl_divergence(Normal, Normal)`` is used: lower
     variance gradients for the weights of a Bayesian network, same optimum. Sites with constrained
     support (e.g. a positive noise scale) are handled exactly as in ``AutoNormal``.
+
+    Each instance keeps its parameters in Pyro's param store under a name of its own
+    (``AnalyticAutoNormal_<k>.locs.<site>``), so two guides in one process never share them (two
+    of Pyro's ``AutoNormal`` s for models with the same site names do).
     """
+
+    def __init__(self, model, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        self._pyro_name = f"{type(self).__name__}_{next(_instance_counter)}"
 
     def forward(self, *args, **kwargs):
         if self.prototype_trace is None:
