@@ -251,6 +251,20 @@ def test_pretrained_prior_scale_is_learned(trained, digits, guide_cls, elbo):
     assert bnn[0].priors["weight"].scale.item() == pytest.approx(pyro.param("0.priors.weight.scale").item())
 
 
+def test_pretrained_prior_scale_can_be_fixed(trained, digits):
+    """``learn_prior_scale=False``: the prior scale is a buffer at ``pretrained_scale``, no Pyro
+    param, unchanged by SVI."""
+    x, y, _, _ = digits
+    bnn = to_bayesian(trained["mlp"], prior="pretrained", pretrained_scale=0.5, learn_prior_scale=False)
+    model = _classifier(bnn, len(x))
+    guide = AutoNormal(model, init_loc_fn=init_to_value(values=pretrained_values(bnn)), init_scale=0.01)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    for _ in range(5):
+        svi.step(x[:128], y[:128])
+    assert not [k for k in pyro.get_param_store().keys() if "priors" in k]
+    assert torch.equal(bnn[0].priors["weight"].scale, torch.tensor(0.5))
+
+
 def test_estimator_is_recorded_and_the_module_pickles(trained):
     assert isinstance(estimator_for(to_bayesian(trained["mlp"])), WeightSpace)
     bnn = to_bayesian(trained["cnn"], estimator="local_reparameterization")

@@ -42,7 +42,7 @@ def _fan_in(name: str, params: dict[str, Tensor]) -> int:
 
 
 def _make_prior(prior: PriorChoice, path: str, name: str, params: dict[str, Tensor],
-                pretrained_scale: float) -> ParameterPrior:
+                pretrained_scale: float, learn_prior_scale: bool = True) -> ParameterPrior:
     """The prior module of parameter ``name`` (full path ``path``) of a layer with ``params``."""
     value = params[name]
     if isinstance(prior, Prior):
@@ -50,7 +50,7 @@ def _make_prior(prior: PriorChoice, path: str, name: str, params: dict[str, Tens
     if prior == "fan_in":
         return NormalPrior(value.shape, 0.0, 1.0 / math.sqrt(_fan_in(name, params)))
     if prior == "pretrained":
-        return NormalPrior(value.shape, value, pretrained_scale, learn_scale=True)
+        return NormalPrior(value.shape, value, pretrained_scale, learn_scale=learn_prior_scale)
     result = prior(path, value)
     if isinstance(result, Prior):
         return parameter_prior(result, value.shape)
@@ -90,10 +90,12 @@ def _bayesian_layer(layer: nn.Module, path: str) -> Optional[PyroModule]:
 
 
 class _Converter:
-    def __init__(self, prior: PriorChoice, exclude: tuple[str, ...], pretrained_scale: float) -> None:
+    def __init__(self, prior: PriorChoice, exclude: tuple[str, ...], pretrained_scale: float,
+                 learn_prior_scale: bool) -> None:
         self.prior = prior
         self.exclude = exclude
         self.pretrained_scale = pretrained_scale
+        self.learn_prior_scale = learn_prior_scale
         self.converted: dict[int, PyroModule] = {}  # a module used at several paths is converted once
 
     def excluded(self, path: str) -> bool:
@@ -127,7 +129,8 @@ class _Converter:
             if self.excluded(full):
                 setattr(layer, name, nn.Parameter(value))
                 continue
-            priors[name] = _make_prior(self.prior, full, name, params, self.pretrained_scale)
+            priors[name] = _make_prior(self.prior, full, name, params, self.pretrained_scale,
+                                       self.learn_prior_scale)
             layer.register_buffer(f"{name}_pretrained", value, persistent=False)
         if isinstance(layer, (BayesianLinear, BayesianLSTM, BayesianEmbedding)):
             layer.prior = None  # the layer's own i.i.d. prior is replaced by `priors`
@@ -150,6 +153,7 @@ def to_bayesian(
     estimator: Optional[str] = None,
     exclude: Union[str, Iterable[str]] = (),
     pretrained_scale: float = 0.1,
+    learn_prior_scale: bool = True,
 ) -> PyroModule:
     r"""
     A Bayesian copy of ``module``: a :class:`~pyro.nn.PyroModule` with the same ``forward`` in
@@ -186,7 +190,10 @@ def to_bayesian(
     - ``"pretrained"``: :math:`\mathcal N(w_0, s^2)` centred on ``module``'s values :math:`w_0`
       with a learnable scale :math:`s` (a positive :class:`~pyro.nn.PyroParam`
       ``<path>.priors.<name>.scale``, one per parameter tensor, initially ``pretrained_scale``)
-      fitted by SVI through the ELBO: empirical Bayes, as MOPED (Krishnan et al., 2020);
+      fitted by SVI through the ELBO: empirical Bayes, as MOPED (Krishnan et al., 2020). With a
+      guide started at :math:`w_0` on the same data, the learned :math:`s` tends to follow the
+      posterior's own width (the KL then constrains little); ``learn_prior_scale=False`` keeps
+      :math:`s` = ``pretrained_scale`` fixed (a buffer);
     - a callable ``prior(name, param)`` (full parameter name, ``module``'s tensor) returning a
       :class:`~bnnpyro.distributions.Prior` or a
       :class:`~bnnpyro.distributions.ParameterPrior` of the parameter's shape, e.g.
@@ -210,7 +217,9 @@ def to_bayesian(
     :param exclude: names (``fnmatch`` patterns) of modules or parameters to keep deterministic,
         e.g. ``"bn*"``, ``"features.*"``, ``"head.bias"``; a module's match covers all its
         parameters and submodules.
-    :param pretrained_scale: initial :math:`s` of the ``"pretrained"`` prior.
+    :param pretrained_scale: initial (or, with ``learn_prior_scale=False``, fixed) :math:`s` of the
+        ``"pretrained"`` prior.
+    :param learn_prior_scale: learn the ``"pretrained"`` prior's scale (default) or keep it fixed.
     :return: the Bayesian PyroModule (``module``'s class wrapped by ``PyroModule``, or the
         Bayesian layer if ``module`` is itself a convertible layer).
 
@@ -241,7 +250,8 @@ def to_bayesian(
     unmatched = [pattern for pattern in exclude if not any(fnmatchcase(n, pattern) for n in names)]
     if unmatched:
         raise ValueError(f"exclude patterns {unmatched} match no module or parameter name of the module")
-    bnn = _Converter(prior, exclude, float(pretrained_scale)).module(copy.deepcopy(module), "")
+    bnn = _Converter(prior, exclude, float(pretrained_scale), bool(learn_prior_scale)).module(
+        copy.deepcopy(module), "")
     bnn.estimator = estimator
     return bnn
 
