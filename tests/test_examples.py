@@ -42,3 +42,11 @@ def test_char_lm_example(tmp_path):
                                 "--plot", str(tmp_path / "d.png")])
     # measured: 62 before training, ~45 after one short epoch
     assert m["val_perplexity"] < 0.9 * m["val_perplexity_init"]
+
+
+def test_cnn_digits_example(tmp_path):
+    m = _load("cnn_digits").main(["--epochs", "8", "--num-samples", "30", "--estimator", "flipout",
+                                   "--plot", str(tmp_path / "e.png")])
+    # measured after 8 epochs with flipout: accuracy 0.958, MI 0.05 on test images vs 0.25 shuffled
+    assert m["accuracy"] > 0.9 and m["mi_ood"] > m["mi_in"]
+    assert (tmp_path / "e.png").exists()
