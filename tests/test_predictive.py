@@ -194,6 +194,8 @@ def test_sequential_fallback_matches_vectorized_and_runs_a_converted_cnn():
     images = torch.randn(5, 1, 8, 8)
     guide = AutoNormal(model, init_scale=0.1)
     guide(images, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="pass vectorize=False"):
+        sample_predictive(model, guide, images, 7)
     out = sample_predictive(model, guide, images, 7, vectorize=False, return_sites=["4.weight"])
     assert out["f"].shape == (7, 5, 3) and out["4.weight"].shape == (7, 3, 32)
     assert out["f"].std(0).min() > 0

@@ -127,7 +127,14 @@ def sample_predictive(
     with torch.no_grad():
         if vectorize:
             plate = pyro.plate(_PARTICLE_PLATE, num_samples, dim=-max_plate_nesting - 1)
-            f, extra = _predictive_pass(model, guide, chunks, plate, return_sites, kwargs)
+            try:
+                f, extra = _predictive_pass(model, guide, chunks, plate, return_sites, kwargs)
+            except RuntimeError as e:
+                raise RuntimeError(
+                    f"{e}\n\nsample_predictive: the vectorized pass over {num_samples} weight draws failed. If "
+                    "the model's layers take one weight draw at a time (e.g. convolutions converted by "
+                    "bnnpyro.nn.to_bayesian), pass vectorize=False."
+                ) from e
             extra = {
                 name: value.reshape((num_samples,) + value.shape[max_plate_nesting + 1 :])
                 if value.dim() > max_plate_nesting and value.size(0) == num_samples else value
