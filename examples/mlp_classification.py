@@ -19,12 +19,9 @@ from bnnpyro import fit, sample_predictive  # noqa: E402
 from bnnpyro.data import load_classification  # noqa: E402
 from bnnpyro.models import BayesianMLPClassifier  # noqa: E402
 from bnnpyro.predict import (  # noqa: E402
-    accuracy,
-    auroc,
-    expected_calibration_error,
+    evaluate_classification,
     mean_probs,
     mutual_information,
-    nll,
     plot_reliability_diagram,
     plot_uncertainty_histogram,
 )
@@ -50,19 +47,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with torch.no_grad():
         f_in = sample_predictive(m.model, m.guide, d.x_test, args.num_samples)["f"].softmax(-1)
         f_out = sample_predictive(m.model, m.guide, x_ood, args.num_samples)["f"].softmax(-1)
-    probs = mean_probs(f_in)
-    mi_in, mi_out = mutual_information(f_in), mutual_information(f_out)
-    metrics = {
-        "accuracy": accuracy(probs, d.y_test).item(),
-        "nll": nll(probs, d.y_test).item(),
-        "ece": expected_calibration_error(probs, d.y_test).item(),
-        "mi_in": mi_in.mean().item(),
-        "mi_ood": mi_out.mean().item(),
-        "auroc_mi": auroc(mi_in, mi_out).item(),
-    }
+    metrics = evaluate_classification(f_in, d.y_test, f_out)
     for k, v in metrics.items():
         print(f"{k:<9} {v:.4f}")
     if args.plot:
+        probs = mean_probs(f_in)
+        mi_in, mi_out = mutual_information(f_in), mutual_information(f_out)
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
         plot_reliability_diagram(probs, d.y_test, ax=a1)
         plot_uncertainty_histogram(mi_in, mi_out, ax=a2, label="mutual information")

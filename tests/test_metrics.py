@@ -395,3 +395,26 @@ def test_bad_inputs_raise_value_error(call, message):
 def test_non_tensor_raises_type_error():
     with pytest.raises(TypeError, match="samples must be a torch.Tensor"):
         predictive_mean([[1.0, 2.0]])
+
+
+def test_evaluate_classification_hand_computed():
+    """Two draws, two points, two classes: every entry by hand. Point 0 (label 0): draws (0.8, 0.2)
+    and (0.6, 0.4), mean (0.7, 0.3); point 1 (label 1): both draws (0.1, 0.9), mean (0.1, 0.9)."""
+    from bnnpyro.predict import evaluate_classification
+
+    p = torch.tensor([[[0.8, 0.2], [0.1, 0.9]], [[0.6, 0.4], [0.1, 0.9]]])
+    y = torch.tensor([0, 1])
+
+    def h(q):
+        return -sum(v * math.log(v) for v in q)
+
+    mi0 = h((0.7, 0.3)) - (h((0.8, 0.2)) + h((0.6, 0.4))) / 2  # point 1's draws agree: MI 0
+    m = evaluate_classification(p, y, ood_prob_samples=p.flip(1))
+    assert m["accuracy"] == 1.0
+    assert m["nll"] == pytest.approx(-(math.log(0.7) + math.log(0.9)) / 2, rel=1e-6)
+    # 15 bins: confidence 0.7 and 0.9 in different bins, both right: ECE = (0.3 + 0.1) / 2
+    assert m["ece"] == pytest.approx(0.2, rel=1e-6)
+    assert m["mi_in"] == pytest.approx(mi0 / 2, rel=1e-5)
+    # the same scores in- and out-of-distribution: AUROC 0.5 and equal means
+    assert m["mi_ood"] == pytest.approx(m["mi_in"], rel=1e-6) and m["auroc_mi"] == pytest.approx(0.5)
+    assert set(evaluate_classification(p, y)) == {"accuracy", "nll", "ece", "mi_in"}

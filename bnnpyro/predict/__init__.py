@@ -1,6 +1,6 @@
 """Posterior predictive sampling, uncertainty summaries, metrics and plots."""
 
-from bnnpyro.predict.evaluate import evaluate_regression
+from bnnpyro.predict.evaluate import evaluate_classification, evaluate_regression
 from bnnpyro.predict.metrics import (
     accuracy,
     auroc,
@@ -39,6 +39,7 @@ from bnnpyro.predict.summary import (
 __all__ = [
     "sample_predictive",
     "evaluate_regression",
+    "evaluate_classification",
     "predictive_mean",
     "predictive_std",
     "quantile_interval",

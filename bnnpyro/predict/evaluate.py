@@ -1,4 +1,4 @@
-"""One-call evaluation of a regression predictive, in the target's original units."""
+"""One-call evaluation of a predictive: regression (in the target's original units) and classification."""
 
 from __future__ import annotations
 
@@ -6,8 +6,18 @@ import math
 
 from torch import Tensor
 
-from bnnpyro.predict.metrics import gaussian_log_likelihood, mean_interval_width, picp, rmse
-from bnnpyro.predict.summary import gaussian_mixture_interval, predictive_mean, predictive_std
+from bnnpyro.predict.metrics import (
+    accuracy,
+    auroc,
+    expected_calibration_error,
+    gaussian_log_likelihood,
+    mean_interval_width,
+    mutual_information,
+    nll,
+    picp,
+    rmse,
+)
+from bnnpyro.predict.summary import gaussian_mixture_interval, mean_probs, predictive_mean, predictive_std
 
 
 def evaluate_regression(
@@ -41,3 +51,32 @@ def evaluate_regression(
         "interval_width": float(mean_interval_width(lower, upper)) * y_scale,
         "mean_std": float(predictive_std(mean_samples, noise_scale).mean()) * y_scale,
     }
+
+
+def evaluate_classification(
+    prob_samples: Tensor, y: Tensor, ood_prob_samples: Tensor | None = None
+) -> dict[str, float]:
+    r"""
+    Test metrics of a classification predictive ``p(y|x) = 1/S sum_s p_s(y|x)``, and how well its
+    epistemic uncertainty separates out-of-distribution inputs.
+
+    :param prob_samples: ``S x N x C`` class probabilities of ``S`` posterior draws.
+    :param y: ``N`` int64 labels.
+    :param ood_prob_samples: ``S x M x C`` probabilities on out-of-distribution inputs, or None.
+    :returns: ``accuracy``, ``nll`` and ``ece`` (15 bins) of the mean probabilities, ``mi_in``
+        (mean mutual information between label and weights, BALD), and with ``ood_prob_samples``
+        ``mi_ood`` and ``auroc_mi`` (the AUROC of mutual information for telling the two apart).
+    """
+    probs = mean_probs(prob_samples)
+    mi_in = mutual_information(prob_samples)
+    metrics = {
+        "accuracy": float(accuracy(probs, y)),
+        "nll": float(nll(probs, y)),
+        "ece": float(expected_calibration_error(probs, y)),
+        "mi_in": float(mi_in.mean()),
+    }
+    if ood_prob_samples is not None:
+        mi_out = mutual_information(ood_prob_samples)
+        metrics["mi_ood"] = float(mi_out.mean())
+        metrics["auroc_mi"] = float(auroc(mi_in, mi_out))
+    return metrics
