@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 
 def positive_int(name: str, value: object) -> int:
     """``value`` if it is a positive ``int`` (not a ``bool``), else ``ValueError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def check_class_labels(x: Tensor, y: object, num_classes: int) -> None:
+    """``y`` must be an int64 tensor of shape ``(B,)`` for ``x`` of ``B`` rows, holding labels in
+    ``[0, num_classes)``; raises ``TypeError``/``ValueError`` naming ``y`` otherwise."""
+    if not torch.is_tensor(y) or y.dtype != torch.long:
+        raise TypeError(f"y must be an int64 tensor of class labels, got {getattr(y, 'dtype', type(y).__name__)}")
+    if tuple(y.shape) != (x.size(0),):
+        raise ValueError(f"y must have shape ({x.size(0)},) for x of shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    if y.numel() and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"y holds labels in [{int(y.min())}, {int(y.max())}], expected [0, {num_classes})")

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnnpyro._checks import positive_int
+from bnnpyro._checks import check_class_labels, positive_int
 from bnnpyro.distributions import ConvLayer, HiddenLayer, normal_kl_sum
 from bnnpyro.distributions.hidden_layer import ESTIMATORS
 from bnnpyro.nn.activations import identity, inverse_softplus
@@ -198,12 +198,7 @@ class BayesianCNNClassifier(nn.Module):
             raise ValueError("x contains NaN or infinite values")
 
     def _check_y(self, x: Tensor, y: Tensor) -> None:
-        if not torch.is_tensor(y) or y.dtype != torch.long:
-            raise TypeError(f"y must be an int64 tensor of class labels, got {getattr(y, 'dtype', type(y).__name__)}")
-        if tuple(y.shape) != (x.size(0),):
-            raise ValueError(f"y must have shape ({x.size(0)},) for x of shape {tuple(x.shape)}, got {tuple(y.shape)}")
-        if y.min() < 0 or y.max() >= self.num_classes:
-            raise ValueError(f"y holds labels in [{int(y.min())}, {int(y.max())}], expected [0, {self.num_classes})")
+        check_class_labels(x, y, self.num_classes)
 
     # -- layers ------------------------------------------------------------------------------
 
