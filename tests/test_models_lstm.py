@@ -13,7 +13,7 @@ from torch.distributions import kl_divergence
 
 from bnnpyro.data import load_classification
 from bnnpyro.data.text import CharVocab, char_lm_batches, load_text
-from bnnpyro.distributions import Prior, normal_kl
+from bnnpyro.distributions import FactorizedNormal, Prior, normal_kl
 from bnnpyro.models.lstm import BayesianLSTMClassifier, BayesianLSTMLanguageModel
 from bnnpyro.predict.metrics import accuracy, auroc
 
@@ -101,7 +101,8 @@ def test_weight_sites_are_global_and_named_like_nn_lstm():
             assert tr.nodes[name]["cond_indep_stack"] == ()
             assert tr.nodes[name]["value"].shape == m.encoder.site_shapes()[name]
         assert [f.name for f in tr.nodes["logits"]["cond_indep_stack"]] == ["data"]
-    assert isinstance(guide.nodes["lstm.weight_ih_l0"]["fn"].base_dist, dist.Normal)
+    fn = guide.nodes["lstm.weight_ih_l0"]["fn"]
+    assert isinstance(fn, FactorizedNormal) and fn.event_shape == m.encoder.site_shapes()["lstm.weight_ih_l0"]
 
 
 @pytest.mark.parametrize("program", ["model", "guide"])

@@ -2,6 +2,7 @@
 
 from bnnpyro.distributions.conv import ConvLayer
 from bnnpyro.distributions.embedding import EmbeddingLayer
+from bnnpyro.distributions.factorized_normal import FactorizedNormal
 from bnnpyro.distributions.hidden_layer import HiddenLayer
 from bnnpyro.distributions.kl import normal_kl, normal_kl_sum
 from bnnpyro.distributions.priors import (
@@ -16,6 +17,7 @@ from bnnpyro.distributions.priors import (
 __all__ = [
     "ConvLayer",
     "EmbeddingLayer",
+    "FactorizedNormal",
     "HiddenLayer",
     "NormalPrior",
     "ParameterPrior",

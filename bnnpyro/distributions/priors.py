@@ -14,6 +14,8 @@ from torch import Tensor
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
+from bnnpyro.distributions.factorized_normal import FactorizedNormal
+
 
 class ScaleMixtureNormal(TorchDistribution):
     r"""
@@ -115,9 +117,8 @@ class Prior:
         def t(v):
             return torch.tensor(v, device=device, dtype=dtype)
         if self.kind == "normal":
-            base = Normal(t(self.mean), t(self.scale))
-        else:
-            base = ScaleMixtureNormal(t(self.pi), t(self.sigma1), t(self.sigma2))
+            return FactorizedNormal(t(self.mean), t(self.scale), shape)
+        base = ScaleMixtureNormal(t(self.pi), t(self.sigma1), t(self.sigma2))
         return base.expand(shape).to_event(len(shape))
 
 
@@ -195,7 +196,7 @@ class NormalPrior(ParameterPrior):
 
     def forward(self) -> TorchDistribution:
         # loc and scale were validated at construction (scale learned under a positive constraint)
-        return Normal(self.loc, self.scale, validate_args=False).expand(self.shape).to_event(len(self.shape))
+        return FactorizedNormal(self.loc, self.scale, self.shape, validate_args=False)
 
     def extra_repr(self) -> str:
         def show(t: Tensor) -> str:

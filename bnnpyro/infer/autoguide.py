@@ -11,6 +11,8 @@ from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoNormal
 from torch.distributions import biject_to, constraints
 
+from bnnpyro.distributions import FactorizedNormal
+
 
 _instance_counter = itertools.count()
 
@@ -52,10 +54,12 @@ class AnalyticAutoNormal(AutoNormal):
                     if frame.vectorized:
                         stack.enter_context(plates[frame.name])
                 loc, scale = self._get_loc_and_scale(name)
-                normal = dist.Normal(loc, scale).to_event(self._event_dims[name])
+                event_dim = self._event_dims[name]
                 if _is_real(site["fn"].support):
-                    result[name] = pyro.sample(name, normal)
+                    event_shape = loc.shape[loc.dim() - event_dim:]
+                    result[name] = pyro.sample(name, FactorizedNormal(loc, scale, event_shape))
                     continue
+                normal = dist.Normal(loc, scale).to_event(event_dim)
                 transform = biject_to(site["fn"].support)
                 unconstrained = pyro.sample(name + "_unconstrained", normal, infer={"is_auxiliary": True})
                 value = transform(unconstrained)

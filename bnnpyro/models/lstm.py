@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from bnnpyro._checks import positive_int
-from bnnpyro.distributions import HiddenLayer, Prior
+from bnnpyro.distributions import FactorizedNormal, HiddenLayer, Prior
 from bnnpyro.nn import BayesianEmbedding, BayesianLSTM, lstm_forward
 from bnnpyro.nn.activations import identity, inverse_softplus
 from bnnpyro.nn.lstm import LSTMState, lstm_flipout_forward
@@ -174,9 +174,9 @@ class _MeanFieldNormal(nn.Module):
         return site.replace(".", "__")
 
     def distribution(self, site: str) -> dist.Distribution:
-        """``Normal(loc, softplus(rho)).to_event(k)`` of one site (one event over the whole tensor)."""
+        """``Normal(loc, softplus(rho))`` over the whole tensor of one site, as one event."""
         loc, rho = self.loc[self._key(site)], self.rho[self._key(site)]
-        return dist.Normal(loc, F.softplus(rho)).to_event(loc.dim())
+        return FactorizedNormal(loc, F.softplus(rho))
 
     def sample(self) -> dict[str, Tensor]:
         """Sample every site with ``pyro.sample`` (the guide)."""

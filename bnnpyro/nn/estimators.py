@@ -64,6 +64,7 @@ from torch.distributions import Independent, Normal
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from bnnpyro.distributions.factorized_normal import FactorizedNormal
 from bnnpyro.distributions.hidden_layer import random_signs
 
 ESTIMATORS = ("weight_space", "local_reparameterization", "flipout")
@@ -75,10 +76,11 @@ _Record = Optional[tuple[Tensor, Tensor]]
 
 
 def _normal_loc_scale(fn: Any, value: Tensor) -> _Record:
-    """``(loc, scale)`` expanded to ``value``'s shape if ``fn`` is an elementwise Normal, else None."""
+    """``(loc, scale)`` expanded to ``value``'s shape if ``fn`` is an elementwise Normal (or a
+    :class:`~bnnpyro.distributions.FactorizedNormal`), else None."""
     while isinstance(fn, (Independent, MaskedDistribution, ExpandedDistribution)):
         fn = fn.base_dist
-    if not isinstance(fn, Normal):
+    if not isinstance(fn, (Normal, FactorizedNormal)):
         return None
     try:
         shape = torch.broadcast_shapes(fn.loc.shape, fn.scale.shape, value.shape)
