@@ -12,6 +12,7 @@ of repeats):
 * ``fused pyro``: :class:`bnnpyro.nn.lstm.BayesianLSTM` + :class:`bnnpyro.infer.AnalyticAutoNormal`
   + ``TraceMeanField_ELBO``, ``svi.step`` on a model with ``pyro.factor(-output.sum())``: adds
   Pyro's tracing and per-site bookkeeping; the KL is the closed form;
+* ``fused pyro noval``: the same steps (same parameters) with Pyro's argument validation off;
 * ``python loop``: weights sampled once per step, then the recurrence written in Python, one
   gate matmul and gate-by-gate nonlinearities per time step (as BLiTZ / illia do);
 * ``flipout raw``: :func:`bnnpyro.nn.lstm.lstm_flipout_forward` around ``mu`` with perturbation
@@ -21,16 +22,19 @@ of repeats):
 (b) **The whole language model**, ``B x T`` token ids, vocabulary ``V``, embedding = hidden size:
 
 * ``LM nn.LSTM``: deterministic ``nn.Embedding + nn.LSTM + nn.Linear``, ``F.cross_entropy``, Adam;
-* ``LM fused``: :class:`bnnpyro.models.BayesianLSTMLanguageModel`, ``svi.step`` with
-  ``TraceMeanField_ELBO`` (embedding and LSTM weights drawn once per step, fused kernel; the
-  ``V``-way output :class:`~bnnpyro.distributions.HiddenLayer` with local reparameterization);
-* ``LM flipout``: the same with ``estimator="flipout"``;
-* ``LM python loop``: the same model with the guide's LSTM recurrence replaced by ``python loop``.
+* ``LM fused``: :class:`bnnpyro.models.BayesianLSTMLanguageModel` (defaults), ``svi.step`` with
+  ``TraceMeanField_ELBO``: embedding, LSTM and output weights drawn once per step (the paper's
+  scheme, ``output_estimator="weight_space"``), fused kernel;
+* ``LM fused, LR out``: the same with ``output_estimator="local_reparameterization"``: the ``V``-way
+  output layer a :class:`~bnnpyro.distributions.HiddenLayer`, logits drawn per position;
+* ``LM flipout, LR out``: that with ``estimator="flipout"``;
+* ``LM loop, LR out``: ``LM fused, LR out`` with the guide's LSTM recurrence replaced by ``python loop``.
 
 (c) **The output layer alone** (its ``(B*T) x (H+1)`` input, ``V`` outputs), forward + backward of
 ``out.sum()``: ``out nn.Linear`` (``X @ W``) vs ``out HiddenLayer`` (``X @ M`` plus noise times
 ``sqrt(X^2 @ softplus(rho)^2)``, softplus included) vs ``out two matmuls`` (``X @ M + sqrt(X^2 @ S^2)``
-without noise, the floor of the local reparameterization).
+without noise, the floor of the local reparameterization) vs ``out weight space`` (one weight draw,
+``X @ (M + softplus(rho) * eps)``).
 
 The Bayesian LSTM follows Fortunato, Blundell, Vinyals (2017), "Bayesian Recurrent Neural Networks".
 
@@ -143,6 +147,12 @@ def build_steps(x: Tensor, hidden: int, num_layers: int, lr: float = 1e-3) -> di
     svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), TraceMeanField_ELBO())
     steps["fused pyro"] = lambda: svi.step(x)
 
+    def step_without_validation() -> None:
+        with pyro.validation_enabled(False):
+            svi.step(x)
+
+    steps["fused pyro noval"] = step_without_validation
+
     mus_l, rhos_l = _variational_params(shapes)
     opt = torch.optim.Adam(mus_l + rhos_l, lr=lr)
     steps["python loop"] = _train_step(
@@ -182,10 +192,13 @@ def build_lm_steps(x: Tensor, y: Tensor, vocab: int, embedding: int, hidden: int
     steps["LM nn.LSTM"] = _train_step(
         opt, lambda: F.cross_entropy(out(lstm(emb(x))[0]).reshape(-1, vocab), y.reshape(-1), reduction="sum"))
 
-    for name, cls, estimator in (("LM fused", BayesianLSTMLanguageModel, "weight_space"),
-                                 ("LM flipout", BayesianLSTMLanguageModel, "flipout"),
-                                 ("LM python loop", _LoopLanguageModel, "weight_space")):
-        m = cls(vocab, embedding, hidden, num_layers, dataset_size=dataset_size, estimator=estimator)
+    for name, cls, estimator, output in (
+            ("LM fused", BayesianLSTMLanguageModel, "weight_space", "weight_space"),
+            ("LM fused, LR out", BayesianLSTMLanguageModel, "weight_space", "local_reparameterization"),
+            ("LM flipout, LR out", BayesianLSTMLanguageModel, "flipout", "local_reparameterization"),
+            ("LM loop, LR out", _LoopLanguageModel, "weight_space", "local_reparameterization")):
+        m = cls(vocab, embedding, hidden, num_layers, dataset_size=dataset_size, estimator=estimator,
+                output_estimator=output)
         svi = SVI(m.model, m.guide, pyro.optim.Adam({"lr": lr}), TraceMeanField_ELBO())
         steps[name] = partial(svi.step, x, y)
     return steps
@@ -204,19 +217,23 @@ def build_output_layer_steps(rows: int, hidden: int, vocab: int) -> dict[str, St
         layer = HiddenLayer(X, W, F.softplus(rho), non_linearity=identity, include_hidden_bias=False)
         layer.rsample().sum().backward()
 
+    def weight_space() -> None:
+        (X @ (W + F.softplus(rho) * torch.randn_like(W))).sum().backward()
+
     def two_matmuls() -> None:
         scale = F.softplus(rho)
         (X @ W + ((X * X) @ (scale * scale)).sqrt()).sum().backward()
 
-    return {"out nn.Linear": linear, "out HiddenLayer": hidden_layer, "out two matmuls": two_matmuls}
+    return {"out nn.Linear": linear, "out HiddenLayer": hidden_layer, "out two matmuls": two_matmuls,
+            "out weight space": weight_space}
 
 
 def _print_table(title: str, ms: dict[str, float], base: str) -> None:
     print(f"\n{title}")
-    print(f"{'method':<16} | {'ms/step':>8} | {'x ' + base:>16}")
-    print("-" * 46)
+    print(f"{'method':<20} | {'ms/step':>8} | {'x ' + base:>16}")
+    print("-" * 50)
     for name, t in ms.items():
-        print(f"{name:<16} | {t:>8.2f} | {t / ms[base]:>15.2f}x")
+        print(f"{name:<20} | {t:>8.2f} | {t / ms[base]:>15.2f}x")
 
 
 def main() -> None:

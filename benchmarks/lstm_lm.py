@@ -7,8 +7,9 @@ truncation (sequence length) 35, batch 20. Three models trained side by side, on
 * ``bayes``: :class:`bnnpyro.models.BayesianLSTMLanguageModel` (Fortunato et al. 2017), SVI with
   ``TraceMeanField_ELBO`` on the full-data objective (KL counted once per epoch's worth of minibatches);
   embedding and LSTM weights with the paper's scale-mixture prior (pi=0.25, sigma1=e^-1,
-  sigma2=e^-7; Monte Carlo KL), the output layer a local-reparameterization ``HiddenLayer`` with a
-  Normal prior of the mixture's standard deviation; initial posterior std 0.01; no dropout.
+  sigma2=e^-7; Monte Carlo KL), the output layer with a Normal prior of the mixture's standard
+  deviation, its weights drawn once per step (``--output-estimator weight_space``, the model's
+  default) or a local-reparameterization ``HiddenLayer``; initial posterior std 0.01; no dropout.
   Perplexity of the posterior-predictive mean over ``--samples`` weight draws.
 * ``dropout``: ``nn.Embedding + nn.LSTM + nn.Linear`` with dropout ``--dropout`` (0.5, Zaremba's
   medium rate) on the non-recurrent connections (embedding output, between layers, before the
@@ -137,7 +138,8 @@ def run_corpus(name: str, splits: Splits, vocab: int, args: argparse.Namespace) 
     mixture = Prior(kind="scale_mixture")
     prior_scale = math.sqrt(mixture.pi * mixture.sigma1**2 + (1 - mixture.pi) * mixture.sigma2**2)
     bayes = BayesianLSTMLanguageModel(vocab, args.size, args.size, args.layers, dataset_size=n, prior=mixture,
-                                      prior_scale=prior_scale, init_scale=0.01)
+                                      prior_scale=prior_scale, init_scale=0.01,
+                                      output_estimator=args.output_estimator)
     svi = SVI(bayes.model, bayes.guide, pyro.optim.Adam({"lr": args.lr}), TraceMeanField_ELBO())
     nets = {"dropout": DeterministicLM(vocab, args.size, args.size, args.layers, args.dropout),
             "plain": DeterministicLM(vocab, args.size, args.size, args.layers, 0.0)}
@@ -207,6 +209,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--dropout", type=float, default=0.5)
+    parser.add_argument("--output-estimator", default="weight_space",
+                        choices=["weight_space", "local_reparameterization"],
+                        help="the Bayesian LM's output layer: one weight draw per step (default) or a "
+                             "local-reparameterization HiddenLayer")
     parser.add_argument("--samples", type=int, default=10, help="posterior draws for the Bayesian perplexity")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

@@ -108,3 +108,16 @@ def test_elbos_equal_the_normal_to_event_version_under_the_same_noise():
         torch.testing.assert_close(la, lb)
         for a, b in zip(ga, gb):
             torch.testing.assert_close(a, b)
+
+
+def test_cached_log_scale_sum_follows_grad_mode():
+    """The log density and the KL share one ``sum log sigma``; one first computed without gradients
+    is not reused where gradients are needed."""
+    loc, rho = _params()
+    q = FactorizedNormal(loc, F.softplus(rho))
+    p = FactorizedNormal(0.0, 1.0, (4, 3))
+    with torch.no_grad():
+        q.log_prob(q.rsample())
+    kl = kl_divergence(q, p)
+    expected = kl_divergence(dist.Normal(loc, F.softplus(rho)).to_event(2), dist.Normal(0.0, 1.0).expand((4, 3)).to_event(2))
+    torch.testing.assert_close(_grads(kl, [rho])[0], _grads(expected, [rho])[0])

@@ -186,7 +186,9 @@ def _classifier(**kw) -> BayesianLSTMClassifier:
 
 
 def _lm(**kw) -> BayesianLSTMLanguageModel:
-    return BayesianLSTMLanguageModel(5, 3, 4, num_layers=2, dataset_size=N, **kw)
+    # flipout's features are computed in the guide: the output layer is the guide's "logits" site
+    return BayesianLSTMLanguageModel(5, 3, 4, num_layers=2, dataset_size=N,
+                                     output_estimator="local_reparameterization", **kw)
 
 
 def _sign_task(n: int) -> tuple[torch.Tensor, torch.Tensor]:

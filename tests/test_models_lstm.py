@@ -62,7 +62,11 @@ def _weight_sites(trace) -> dict[str, torch.Tensor]:
     return {n: s["value"] for n, s in trace.nodes.items() if n.startswith(("lstm.", "embedding."))}
 
 
-MODELS = [_token_classifier, _float_classifier, _lm]
+def _lm_local_reparameterization(**kw) -> BayesianLSTMLanguageModel:
+    return _lm(output_estimator="local_reparameterization", **kw)
+
+
+MODELS = [_token_classifier, _float_classifier, _lm, _lm_local_reparameterization]
 
 
 @pytest.mark.parametrize("make", MODELS)
@@ -84,7 +88,8 @@ def test_loss_is_full_data_objective(make):
     pyro.set_rng_seed(1)
     loss = TraceMeanField_ELBO().loss(m.model, m.guide, x, y)
     pyro.set_rng_seed(1)
-    logits = m.guide(x, y)  # the ELBO runs the guide first: same draws
+    guide_trace = poutine.trace(m.guide).get_trace(x, y)  # the ELBO runs the guide first: same draws
+    logits = poutine.replay(m.model, trace=guide_trace)(x, y)
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
     assert loss == pytest.approx((_analytic_kl(m) + N / B * nll).item(), rel=1e-5)
 
@@ -125,7 +130,7 @@ def test_one_weight_draw_shared_across_time_and_fresh_per_call(program):
 
 
 def test_lm_features_at_every_position():
-    m = _lm()
+    m = _lm_local_reparameterization()
     x, y = _data(m)
     tr = poutine.trace(m.guide).get_trace(x, y)
     weights = _weight_sites(tr)
@@ -133,6 +138,26 @@ def test_lm_features_at_every_position():
     layer = tr.nodes["logits"]["fn"]
     assert layer.batch_shape == (B,) and layer.event_shape == (T, 7)
     torch.testing.assert_close(layer.base_dist.X[..., :-1], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lm_weight_space_output_layer_is_one_global_draw():
+    """``output_estimator="weight_space"``: the output weights are one global site, drawn once per call
+    in the guide (no LSTM pass there); the model's logits are ``[h, 1] @ A`` at every position."""
+    m = _lm()
+    _perturb(m)
+    x, y = _data(m)
+    draws = []
+    for _ in range(2):
+        guide = poutine.trace(m.guide).get_trace(x, y)
+        model = poutine.trace(poutine.replay(m.model, trace=guide)).get_trace(x, y)
+        A = guide.nodes["output.weight"]["value"]
+        assert A.shape == m.out_mean.shape and guide.nodes["output.weight"]["cond_indep_stack"] == ()
+        assert "logits" not in guide.nodes
+        weights = _weight_sites(guide)
+        h = m.encoder.lstm.to_lstm(weights)(F.embedding(x, weights["embedding.weight"]))[0]
+        torch.testing.assert_close(model.nodes["_RETURN"]["value"], h @ A[:-1] + A[-1], rtol=1e-5, atol=1e-5)
+        draws.append(A)
+    assert not torch.equal(*draws)
 
 
 def test_prediction_shapes_and_probabilities():
@@ -304,6 +329,10 @@ def test_bad_lm_arguments_raise():
         BayesianLSTMLanguageModel(7, 5, 4, dataset_size=N, dropout=1.0)
     with pytest.raises(TypeError, match="prior"):
         BayesianLSTMLanguageModel(7, 5, 4, dataset_size=N, prior="normal")
+    with pytest.raises(ValueError, match="output_estimator must be one of"):
+        BayesianLSTMLanguageModel(7, 5, 4, dataset_size=N, output_estimator="flipout")
+    with pytest.raises(ValueError, match="needs output_estimator='local_reparameterization'"):
+        BayesianLSTMLanguageModel(7, 5, 4, dataset_size=N, estimator="flipout")
 
 
 # -- text data -------------------------------------------------------------------------------

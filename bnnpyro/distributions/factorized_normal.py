@@ -83,6 +83,7 @@ class FactorizedNormal(TorchDistribution):
                 f"event_shape {tuple(event_shape)}"
             )
         self._noise: tuple[Tensor, Tensor] | None = None
+        self._log_scale_sum: Tensor | None = None
         super().__init__(full[: len(full) - k], event_shape, validate_args=validate_args)
 
     @property
@@ -99,7 +100,7 @@ class FactorizedNormal(TorchDistribution):
 
     def expand(self, batch_shape, _instance=None) -> "FactorizedNormal":
         new = self._get_checked_instance(FactorizedNormal, _instance)
-        new.loc, new.scale, new._noise = self.loc, self.scale, None
+        new.loc, new.scale, new._noise, new._log_scale_sum = self.loc, self.scale, None, self._log_scale_sum
         super(FactorizedNormal, new).__init__(torch.Size(batch_shape), self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -109,7 +110,14 @@ class FactorizedNormal(TorchDistribution):
         return self.loc.numel() == 1 and self.scale.numel() == 1
 
     def _sum_log_scale(self) -> Tensor:
-        """``sum_i log sigma_i`` over the event, ``batch_shape``-broadcastable."""
+        """``sum_i log sigma_i`` over the event, ``batch_shape``-broadcastable (computed once: the
+        log density and the KL both need it)."""
+        cached = self._log_scale_sum
+        if cached is None or cached.requires_grad != (torch.is_grad_enabled() and self.scale.requires_grad):
+            cached = self._log_scale_sum = self._compute_sum_log_scale()  # first use, or other grad mode
+        return cached
+
+    def _compute_sum_log_scale(self) -> Tensor:
         if self.scale.numel() == 1:
             return self.scale.reshape(()).log() * self.event_shape.numel()
         log_scale = self.scale.log()
@@ -124,10 +132,11 @@ class FactorizedNormal(TorchDistribution):
         return value
 
     def log_prob(self, value: Tensor) -> Tensor:
-        if self._validate_args:
+        own_sample = self._noise is not None and value is self._noise[0]
+        if self._validate_args and not own_sample:  # its own draw is real wherever loc and scale are
             self._validate_sample(value)
         k = self.event_dim
-        if self._noise is not None and value is self._noise[0]:
+        if own_sample:
             squares = _sum_squares(self._noise[1], k)
             log_p = -0.5 * squares - self._sum_log_scale()
         elif self._num_scalar:
@@ -160,8 +169,9 @@ def _scalar_if_broadcast(t: Tensor) -> Tensor:
 
 
 def _kl_sum(q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor, event_shape: torch.Size,
-            batch_shape: torch.Size) -> Tensor:
-    r"""``sum_i KL(N(q_i) || N(p_i))`` over ``event_shape``, ``batch_shape``-shaped."""
+            batch_shape: torch.Size, q_sum_log_scale: Tensor | None = None) -> Tensor:
+    r"""``sum_i KL(N(q_i) || N(p_i))`` over ``event_shape``, ``batch_shape``-shaped; ``q_sum_log_scale``:
+    ``sum_i log q_scale_i`` if already known."""
     k = len(event_shape)
     n = event_shape.numel()
     full = batch_shape + event_shape
@@ -171,7 +181,9 @@ def _kl_sum(q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor, even
         q_loc, q_scale = q_loc.expand(full), q_scale.expand(full)
         diff = q_loc if bool(p_loc == 0) else q_loc - p_loc
         squares = _sum_squares(q_scale, k) + _sum_squares(diff, k)
-        kl = 0.5 * squares / p_scale.pow(2) - _sum_event(q_scale.log(), k) + n * (p_scale.log() - 0.5)
+        if q_sum_log_scale is None:
+            q_sum_log_scale = _sum_event(q_scale.log(), k)
+        kl = 0.5 * squares / p_scale.pow(2) - q_sum_log_scale + n * (p_scale.log() - 0.5)
     else:
         var_ratio = (q_scale / p_scale).pow(2)
         t1 = ((q_loc - p_loc) / p_scale).pow(2)
@@ -184,7 +196,7 @@ def _kl_factorized_factorized(q: FactorizedNormal, p: FactorizedNormal) -> Tenso
     if q.event_shape != p.event_shape:
         raise NotImplementedError
     return _kl_sum(q.loc, q.scale, p.loc, p.scale, q.event_shape,
-                   torch.broadcast_shapes(q.batch_shape, p.batch_shape))
+                   torch.broadcast_shapes(q.batch_shape, p.batch_shape), q._sum_log_scale())
 
 
 @register_kl(Independent, FactorizedNormal)
@@ -202,4 +214,4 @@ def _kl_factorized_independent_normal(q: FactorizedNormal, p: Independent) -> Te
     if base is None or q.event_shape != p.event_shape:
         raise NotImplementedError
     return _kl_sum(q.loc, q.scale, base.loc, base.scale, q.event_shape,
-                   torch.broadcast_shapes(q.batch_shape, p.batch_shape))
+                   torch.broadcast_shapes(q.batch_shape, p.batch_shape), q._sum_log_scale())

@@ -7,13 +7,15 @@ Both share one structure. An optional :class:`~bnnpyro.nn.BayesianEmbedding` and
 **global** sample sites, drawn once per call (once per minibatch) and shared by every time step
 and every sequence, as in the paper's "Bayes by Backprop through time"; then an output layer that
 is a :class:`~bnnpyro.distributions.HiddenLayer` (local reparameterization), with its KL folded
-into its sample site.
+into its sample site. (The language model's output layer is by default one more global weight site,
+see :class:`BayesianLSTMLanguageModel`'s ``output_estimator``.)
 
 *Model*: the weight sites take the LSTM's and embedding's priors (site names ``embedding.weight``,
 ``lstm.weight_ih_l0``, ``lstm.bias_hh_l1``, ... as ``nn.LSTM`` names its parameters); the output
 layer site holds the prior layer; the likelihood is observed inside
 ``pyro.plate("data", dataset_size, subsample=arange(B))``.
-*Guide*: the weight sites are ``Normal(loc, softplus(rho)).to_event(k)`` (parameters held by the
+*Guide*: the weight sites are :class:`~bnnpyro.distributions.FactorizedNormal` ``(loc, softplus(rho))``,
+a Normal over the whole tensor as one event (parameters held by the
 module and registered with ``pyro.module`` under a name unique to the instance) outside the plate,
 and the output layer is the variational ``HiddenLayer`` inside it. With
 ``SVI(m.model, m.guide, optim, TraceMeanField_ELBO())`` each step minimises the full-data
@@ -69,6 +71,8 @@ __all__ = ["BayesianLSTMClassifier", "BayesianLSTMLanguageModel"]
 
 _instance_counter = itertools.count()
 ESTIMATORS: tuple[str, ...] = ("weight_space", "flipout")
+OUTPUT_ESTIMATORS: tuple[str, ...] = ("weight_space", "local_reparameterization")
+OUTPUT_SITE = "output.weight"
 
 
 
@@ -453,6 +457,17 @@ class BayesianLSTMLanguageModel(_BayesianLSTMNet):
     :param float init_scale: initial posterior std of every weight.
     :param str estimator: ``"weight_space"`` (one shared draw, fused kernel) or ``"flipout"`` (training
         only; see the module docstring).
+    :param str output_estimator: how training samples the output layer. ``"weight_space"`` (default):
+        its ``(H+1) x V`` weights are one more global site, ``"output.weight"``, drawn once per
+        minibatch like every other weight (the paper's scheme); the model computes the logits
+        ``[h, 1] @ A`` from its own pass over the replayed weights and the guide only samples weights,
+        so a step costs one ``V``-wide matmul forward and two backward, as a deterministic output layer.
+        ``"local_reparameterization"``: the output layer is a
+        :class:`~bnnpyro.distributions.HiddenLayer` site ``"logits"`` in the guide, every position's
+        logits drawn independently (lower-variance gradients, about twice the output layer's
+        matmuls; required with ``estimator="flipout"``, whose features only the guide computes).
+        Prediction (:meth:`get_logits`, :meth:`perplexity`) is the same for both: each position's
+        logits from their exact marginal.
     """
 
     def __init__(
@@ -468,16 +483,25 @@ class BayesianLSTMLanguageModel(_BayesianLSTMNet):
         dropout: float = 0.0,
         init_scale: float = 1e-2,
         estimator: str = "weight_space",
+        output_estimator: str = "weight_space",
     ) -> None:
+        if output_estimator not in OUTPUT_ESTIMATORS:
+            raise ValueError(f"output_estimator must be one of {OUTPUT_ESTIMATORS}, got {output_estimator!r}")
+        if estimator == "flipout" and output_estimator == "weight_space":
+            raise ValueError(
+                "estimator='flipout' needs output_estimator='local_reparameterization': the flipout "
+                "features are computed in the guide, which then samples the logits"
+            )
         super().__init__(out_features=positive_int("vocab_size", vocab_size), hidden_size=hidden_size,
                          dataset_size=dataset_size, input_size=positive_int("embedding_dim", embedding_dim),
                          vocab_size=vocab_size, num_layers=num_layers, dropout=dropout, prior=prior,
                          prior_scale=prior_scale, init_scale=init_scale, estimator=estimator)
+        self.output_estimator = output_estimator
         self.config = {
             "vocab_size": vocab_size, "embedding_dim": embedding_dim, "hidden_size": hidden_size,
             "num_layers": num_layers, "dataset_size": dataset_size, "prior": dataclasses.asdict(self.prior),
             "prior_scale": float(prior_scale), "dropout": float(dropout), "init_scale": float(init_scale),
-            "estimator": estimator,
+            "estimator": estimator, "output_estimator": output_estimator,
         }
 
     def _check(self, x: Tensor, y: Tensor | None) -> None:
@@ -487,19 +511,36 @@ class BayesianLSTMLanguageModel(_BayesianLSTMNet):
             self._check_labels(y, tuple(x.shape), self.vocab_size, "next-token ids")
 
     def model(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """Pyro model: weights from the prior; returns the ``B x T x V`` logits site ``"logits"``."""
+        """
+        Pyro model: weights from the prior; returns the ``B x T x V`` logits: ``[h, 1] @ A`` for the
+        ``"output.weight"`` site ``A`` (``output_estimator="weight_space"``), or the site ``"logits"``.
+        """
         self._check(x, y)
         pyro.module(self._pyro_name, self)
         X = _append_ones(self.encoder(x))
+        if self.output_estimator == "weight_space":
+            prior = FactorizedNormal(self.out_prior_mean, self.out_prior_scale, self.out_mean.shape)
+            logits = X @ pyro.sample(OUTPUT_SITE, prior)
+            with self._plate(x):
+                pyro.sample("y", _SoftmaxCategorical(logits).to_event(1), obs=y)
+            return logits
         with self._plate(x):
             logits = pyro.sample("logits", self._prior_layer(X).to_event(1))
             pyro.sample("y", _SoftmaxCategorical(logits).to_event(1), obs=y)
         return logits
 
-    def guide(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """Pyro guide: global mean-field weight sites, then the output layer (``KL_factor = 1/N``)."""
+    def guide(self, x: Tensor, y: Tensor | None = None) -> Tensor | dict[str, Tensor]:
+        """
+        Pyro guide: global mean-field weight sites; with ``output_estimator="weight_space"`` the output
+        layer's too (returns ``{site: draw}``), else the output layer ``"logits"`` (``KL_factor = 1/N``,
+        returns the ``B x T x V`` logits).
+        """
         self._check(x, y)
         pyro.module(self._pyro_name, self)
+        if self.output_estimator == "weight_space":
+            weights = self.posterior.sample()
+            weights[OUTPUT_SITE] = pyro.sample(OUTPUT_SITE, FactorizedNormal(self.out_mean, F.softplus(self.out_rho)))
+            return weights
         X = _append_ones(self._guide_outputs(x))
         with self._plate(x):
             layer = self._variational_layer(X, KL_factor=1.0 / self.dataset_size)
