@@ -444,3 +444,17 @@ def test_fused_local_reparameterization_gradients(lead):
     torch.testing.assert_close(out, ref)
     for a, b in zip(torch.autograd.grad(out, (X, M, S), g), torch.autograd.grad(ref, (X, M, S), g)):
         torch.testing.assert_close(a, b)
+
+
+def test_log_prob_checks_the_value_shape_only():
+    """``log_prob`` is the folded KL, whatever the value's entries: a value of the wrong shape is an
+    error, one with NaNs is not inspected (no pass over the pre-activations)."""
+    layer = HiddenLayer(torch.randn(5, 3), torch.randn(3, 4), torch.rand(3, 4) + 0.1)
+    value = layer.rsample()
+    with pytest.raises(ValueError, match="event_shape"):
+        layer.log_prob(value[..., :-1])
+    with pytest.raises(ValueError, match="broadcastable"):
+        layer.log_prob(torch.zeros(4, value.size(-1)))
+    nan = torch.full_like(value, float("nan"))
+    torch.testing.assert_close(layer.log_prob(nan), layer.log_prob(value))
+    assert torch.isfinite(layer.log_prob(nan)).all()

@@ -14,6 +14,7 @@ from torch.distributions import Distribution, constraints
 from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
+from bnnpyro.distributions._validation import check_value_shape
 from bnnpyro.distributions.hidden_layer import ESTIMATORS, random_signs
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
@@ -363,7 +364,7 @@ class ConvLayer(TorchDistribution):
         broadcast to the batch shape of ``value``. ``value`` itself does not enter.
         """
         if self._validate_args:
-            self._validate_sample(value)
+            check_value_shape(self, value)
         shape = torch.broadcast_shapes(value.shape[: value.dim() - len(self.event_shape)], self.batch_shape)
         return (self._kl_per_row * self.KL).expand(shape)
 

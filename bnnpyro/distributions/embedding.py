@@ -12,6 +12,7 @@ from torch.distributions import Distribution, constraints
 from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
+from bnnpyro.distributions._validation import check_value_shape
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
 EMBEDDING_ESTIMATORS = ("local_reparameterization", "weight_space")
@@ -201,7 +202,7 @@ class EmbeddingLayer(TorchDistribution):
         broadcast to the batch shape of ``value``. ``value`` itself does not enter.
         """
         if self._validate_args:
-            self._validate_sample(value)
+            check_value_shape(self, value)
         shape = torch.broadcast_shapes(value.shape[:-2], self.batch_shape)
         return (self._kl_per_row * self.KL).expand(shape)
 

@@ -13,6 +13,7 @@ from torch.distributions import Distribution, constraints
 from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
+from bnnpyro.distributions._validation import check_value_shape
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
 
@@ -373,7 +374,7 @@ class HiddenLayer(TorchDistribution):
         broadcast to ``value.shape[:-1]``. ``value`` itself does not enter.
         """
         if self._validate_args:
-            self._validate_sample(value)
+            check_value_shape(self, value)
         shape = value.shape[:-1]
         if shape != self.batch_shape:
             shape = torch.broadcast_shapes(shape, self.batch_shape)

@@ -57,7 +57,10 @@ class AnalyticAutoNormal(AutoNormal):
                 event_dim = self._event_dims[name]
                 if _is_real(site["fn"].support):
                     event_shape = loc.shape[loc.dim() - event_dim:]
-                    result[name] = pyro.sample(name, FactorizedNormal(loc, scale, event_shape))
+                    # loc and scale are the guide's own parameters (scale positive by its constraint):
+                    # no per-step argument checks
+                    q = FactorizedNormal(loc, scale, event_shape, validate_args=False)
+                    result[name] = pyro.sample(name, q)
                     continue
                 normal = dist.Normal(loc, scale).to_event(event_dim)
                 transform = biject_to(site["fn"].support)

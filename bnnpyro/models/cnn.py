@@ -203,6 +203,8 @@ class BayesianCNNClassifier(nn.Module):
     # -- layers ------------------------------------------------------------------------------
 
     def _conv_layer(self, i: int, X: Tensor, variational: bool) -> ConvLayer:
+        # prior layers (the model's) are not re-validated every step: their parameters are the prior's
+        # buffers, checked at construction, and X is the checked input or a guide layer's draw
         padding = self.kernel_size // 2
         m0, s0 = self.prior_mean, self._prior_scale(i)
         if variational:
@@ -213,7 +215,7 @@ class BayesianCNNClassifier(nn.Module):
         shape, bias_shape = self.conv_mean[i].shape, self.conv_bias_mean[i].shape
         return ConvLayer(X, m0.expand(shape), s0.expand(shape), padding=padding,
                          bias_mean=m0.expand(bias_shape), bias_scale=s0.expand(bias_shape),
-                         W_prior_mean=m0, W_prior_scale=s0)
+                         W_prior_mean=m0, W_prior_scale=s0, validate_args=False)
 
     def _fc_layer(self, j: int, X: Tensor, variational: bool) -> HiddenLayer:
         last = j == self.num_fc - 1
@@ -224,7 +226,7 @@ class BayesianCNNClassifier(nn.Module):
                                dataset_size=self.dataset_size, estimator=self.estimator, **kwargs)
         shape = self.fc_mean[j].shape
         m0, s0 = m0.expand(shape), s0.expand(shape)
-        return HiddenLayer(X, m0, s0, A_prior_mean=m0, A_prior_scale=s0, **kwargs)
+        return HiddenLayer(X, m0, s0, A_prior_mean=m0, A_prior_scale=s0, validate_args=False, **kwargs)
 
     def _network(self, x: Tensor, variational: bool) -> Tensor:
         """Sample every layer's site, prior (model) or variational (guide) layers; ``B x C`` logits."""

@@ -307,7 +307,7 @@ class _BayesianLSTMNet(nn.Module):
         shape = self.out_mean.shape
         m0, s0 = self.out_prior_mean.expand(shape), self.out_prior_scale.expand(shape)
         return HiddenLayer(X, m0, s0, non_linearity=identity, include_hidden_bias=False,
-                           A_prior_mean=m0, A_prior_scale=s0)
+                           A_prior_mean=m0, A_prior_scale=s0, validate_args=False)
 
     def _variational_layer(self, X: Tensor, **kl_scaling) -> HiddenLayer:
         """The output layer under ``q`` (local reparameterization), rows ``X``."""

@@ -141,7 +141,10 @@ class _HiddenLayerMLP(nn.Module):
                 m0, s0 = mean.expand(shape), scale.expand(shape)
                 X = pyro.sample(
                     f"layer{layer}",
-                    HiddenLayer(X, m0, s0, A_prior_mean=m0, A_prior_scale=s0, **self._layer_kwargs(layer)),
+                    # the prior layer is not re-validated every step: its parameters are the prior's
+                    # buffers, checked at construction, and X the checked x or a guide layer's draw
+                    HiddenLayer(X, m0, s0, A_prior_mean=m0, A_prior_scale=s0, validate_args=False,
+                                **self._layer_kwargs(layer)),
                 )
             pyro.sample("y", self.likelihood(X), obs=y)
         return X
