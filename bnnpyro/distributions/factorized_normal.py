@@ -17,6 +17,11 @@ def _sum_event(t: Tensor, event_dim: int) -> Tensor:
     return t.sum(tuple(range(-event_dim, 0))) if event_dim else t
 
 
+def _is_zero(t: Tensor) -> bool:
+    """Whether the one-element ``t`` is a constant 0 (then ``x - t`` is skipped: one pass fewer)."""
+    return not t.requires_grad and bool(t == 0)
+
+
 def _sum_squares(t: Tensor, event_dim: int) -> Tensor:
     """``(t * t)`` summed over the rightmost ``event_dim`` dims, without a ``t``-sized temporary."""
     if event_dim == 0:
@@ -140,7 +145,8 @@ class FactorizedNormal(TorchDistribution):
             squares = _sum_squares(self._noise[1], k)
             log_p = -0.5 * squares - self._sum_log_scale()
         elif self._num_scalar:
-            squares = _sum_squares(value - self.loc.reshape(()), k)
+            loc = self.loc.reshape(())
+            squares = _sum_squares(value if _is_zero(loc) else value - loc, k)
             log_p = -0.5 * squares / self.scale.reshape(()).pow(2) - self._sum_log_scale()
         else:
             z = (value - self.loc) / self.scale
@@ -179,7 +185,7 @@ def _kl_sum(q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor, even
     if p_loc.numel() == 1 and p_scale.numel() == 1:
         p_loc, p_scale = p_loc.reshape(()), p_scale.reshape(())
         q_loc, q_scale = q_loc.expand(full), q_scale.expand(full)
-        diff = q_loc if bool(p_loc == 0) else q_loc - p_loc
+        diff = q_loc if _is_zero(p_loc) else q_loc - p_loc
         squares = _sum_squares(q_scale, k) + _sum_squares(diff, k)
         if q_sum_log_scale is None:
             q_sum_log_scale = _sum_event(q_scale.log(), k)
