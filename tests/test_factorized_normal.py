@@ -121,3 +121,13 @@ def test_cached_log_scale_sum_follows_grad_mode():
     kl = kl_divergence(q, p)
     expected = kl_divergence(dist.Normal(loc, F.softplus(rho)).to_event(2), dist.Normal(0.0, 1.0).expand((4, 3)).to_event(2))
     torch.testing.assert_close(_grads(kl, [rho])[0], _grads(expected, [rho])[0])
+
+
+def test_squared_norm_node_values_and_gradient():
+    from bnnpyro.distributions.factorized_normal import _sum_squares
+
+    t = torch.randn(7, 5, requires_grad=True)
+    torch.autograd.gradcheck(lambda u: _sum_squares(u, 2), (t.double().detach().requires_grad_(),))
+    torch.testing.assert_close(_sum_squares(t, 2), (t * t).sum())
+    torch.testing.assert_close(_sum_squares(t, 1), (t * t).sum(-1))
+    torch.testing.assert_close(_sum_squares(t.t(), 2), (t * t).sum())  # non-contiguous

@@ -22,10 +22,28 @@ def _is_zero(t: Tensor) -> bool:
     return not t.requires_grad and bool(t == 0)
 
 
+class _SquaredNorm(torch.autograd.Function):
+    """``(t * t).sum()`` as one dot product, backward ``2 g t``: one pass each way, no temporaries
+    (``vector_norm(t).square()`` takes three passes back, autograd's ``(t * t).sum()`` a temporary)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        ctx.save_for_backward(t)
+        flat = t.reshape(-1)
+        return torch.dot(flat, flat)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (t,) = ctx.saved_tensors
+        return t * (2.0 * grad)
+
+
 def _sum_squares(t: Tensor, event_dim: int) -> Tensor:
     """``(t * t)`` summed over the rightmost ``event_dim`` dims, without a ``t``-sized temporary."""
     if event_dim == 0:
         return t * t
+    if event_dim == t.dim():
+        return _SquaredNorm.apply(t)
     return torch.linalg.vector_norm(t, dim=tuple(range(-event_dim, 0))).square()
 
 
