@@ -131,3 +131,15 @@ def test_squared_norm_node_values_and_gradient():
     torch.testing.assert_close(_sum_squares(t, 2), (t * t).sum())
     torch.testing.assert_close(_sum_squares(t, 1), (t * t).sum(-1))
     torch.testing.assert_close(_sum_squares(t.t(), 2), (t * t).sum())  # non-contiguous
+
+
+def test_validation_of_values_not_drawn_by_a_factorized_normal():
+    """A value drawn by a FactorizedNormal is not re-checked by another one (the prior at the
+    model's site); any other value is, like ``Normal(...).to_event``: NaN entries, wrong shape."""
+    p = FactorizedNormal(0.0, 1.0, (4, 3), validate_args=True)
+    q = FactorizedNormal(torch.zeros(4, 3), torch.ones(4, 3))
+    assert torch.isfinite(p.log_prob(q.rsample()))
+    with pytest.raises(ValueError):
+        p.log_prob(torch.full((4, 3), float("nan")))
+    with pytest.raises(ValueError):
+        p.log_prob(torch.zeros(4, 2))

@@ -9,8 +9,12 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from torch import Tensor
 from torch.distributions import Independent, Normal, constraints
 from torch.distributions.kl import register_kl
+from torch.utils.weak import WeakIdKeyDictionary
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+# the draws of every FactorizedNormal (by identity, while they live): real wherever their loc and
+# scale are, so another FactorizedNormal (the prior at the model's site) need not re-check them
+_DRAWS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _sum_event(t: Tensor, event_dim: int) -> Tensor:
@@ -152,11 +156,12 @@ class FactorizedNormal(TorchDistribution):
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
         value = torch.addcmul(self.loc, self.scale, eps)
         self._noise = (value, eps)
+        _DRAWS[value] = True
         return value
 
     def log_prob(self, value: Tensor) -> Tensor:
         own_sample = self._noise is not None and value is self._noise[0]
-        if self._validate_args and not own_sample:  # its own draw is real wherever loc and scale are
+        if self._validate_args and value not in _DRAWS:
             self._validate_sample(value)
         k = self.event_dim
         if own_sample:
