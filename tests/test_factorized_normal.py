@@ -124,7 +124,7 @@ def test_cached_log_scale_sum_follows_grad_mode():
 
 
 def test_squared_norm_node_values_and_gradient():
-    from bnnpyro.distributions.factorized_normal import _sum_squares
+    from bnnpyro.distributions.kl import sum_squares as _sum_squares
 
     t = torch.randn(7, 5, requires_grad=True)
     torch.autograd.gradcheck(lambda u: _sum_squares(u, 2), (t.double().detach().requires_grad_(),))

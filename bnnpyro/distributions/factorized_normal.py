@@ -11,44 +11,12 @@ from torch.distributions import Independent, Normal, constraints
 from torch.distributions.kl import register_kl
 from torch.utils.weak import WeakIdKeyDictionary
 
+from bnnpyro.distributions.kl import is_zero, normal_kl_sum, sum_event, sum_squares
+
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 # the draws of every FactorizedNormal (by identity, while they live): real wherever their loc and
 # scale are, so another FactorizedNormal (the prior at the model's site) need not re-check them
 _DRAWS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _sum_event(t: Tensor, event_dim: int) -> Tensor:
-    return t.sum(tuple(range(-event_dim, 0))) if event_dim else t
-
-
-def _is_zero(t: Tensor) -> bool:
-    """Whether the one-element ``t`` is a constant 0 (then ``x - t`` is skipped: one pass fewer)."""
-    return not t.requires_grad and bool(t == 0)
-
-
-class _SquaredNorm(torch.autograd.Function):
-    """``(t * t).sum()`` as one dot product, backward ``2 g t``: one pass each way, no temporaries
-    (``vector_norm(t).square()`` takes three passes back, autograd's ``(t * t).sum()`` a temporary)."""
-
-    @staticmethod
-    def forward(ctx, t: Tensor) -> Tensor:
-        ctx.save_for_backward(t)
-        flat = t.reshape(-1)
-        return torch.dot(flat, flat)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (t,) = ctx.saved_tensors
-        return t * (2.0 * grad)
-
-
-def _sum_squares(t: Tensor, event_dim: int) -> Tensor:
-    """``(t * t)`` summed over the rightmost ``event_dim`` dims, without a ``t``-sized temporary."""
-    if event_dim == 0:
-        return t * t
-    if event_dim == t.dim():
-        return _SquaredNorm.apply(t)
-    return torch.linalg.vector_norm(t, dim=tuple(range(-event_dim, 0))).square()
 
 
 class FactorizedNormal(TorchDistribution):
@@ -149,7 +117,7 @@ class FactorizedNormal(TorchDistribution):
             return self.scale.reshape(()).log() * self.event_shape.numel()
         log_scale = self.scale.log()
         k = self.event_dim
-        return _sum_event(log_scale.expand(log_scale.shape[: max(log_scale.dim() - k, 0)] + self.event_shape), k)
+        return sum_event(log_scale.expand(log_scale.shape[: max(log_scale.dim() - k, 0)] + self.event_shape), k)
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
         shape = self._extended_shape(sample_shape)
@@ -165,15 +133,15 @@ class FactorizedNormal(TorchDistribution):
             self._validate_sample(value)
         k = self.event_dim
         if own_sample:
-            squares = _sum_squares(self._noise[1], k)
+            squares = sum_squares(self._noise[1], k)
             log_p = -0.5 * squares - self._sum_log_scale()
         elif self._num_scalar:
             loc = self.loc.reshape(())
-            squares = _sum_squares(value if _is_zero(loc) else value - loc, k)
+            squares = sum_squares(value if is_zero(loc) else value - loc, k)
             log_p = -0.5 * squares / self.scale.reshape(()).pow(2) - self._sum_log_scale()
         else:
             z = (value - self.loc) / self.scale
-            log_p = -0.5 * _sum_squares(z, k) - self._sum_log_scale()
+            log_p = -0.5 * sum_squares(z, k) - self._sum_log_scale()
         log_p = log_p - self.event_shape.numel() * _HALF_LOG_2PI
         return log_p.expand(torch.broadcast_shapes(value.shape[: value.dim() - k], self.batch_shape))
 
@@ -182,65 +150,30 @@ class FactorizedNormal(TorchDistribution):
         return (self._sum_log_scale() + n * (0.5 + _HALF_LOG_2PI)).expand(self.batch_shape)
 
 
-def _base_normal(d: Independent) -> Normal | None:
-    """The ``Normal`` under ``Normal(...).to_event(k)`` (any nesting of ``Independent``), else None."""
+def _normal_params(d: TorchDistribution) -> tuple[Tensor, Tensor] | None:
+    """``(loc, scale)`` of a :class:`FactorizedNormal` or of ``Normal(...).to_event(k)``, else None."""
+    if isinstance(d, FactorizedNormal):
+        return d.loc, d.scale
     base = d.base_dist
     while isinstance(base, Independent):
         base = base.base_dist
-    return base if isinstance(base, Normal) else None
+    return (base.loc, base.scale) if isinstance(base, Normal) else None
 
 
-def _scalar_if_broadcast(t: Tensor) -> Tensor:
-    """A tensor expanded from one element (all strides 0) back to that element, a 0-d view."""
-    if t.numel() > 1 and all(stride == 0 for stride in t.stride()):
-        return t.as_strided((), ())
-    return t
-
-
-def _kl_sum(q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor, event_shape: torch.Size,
-            batch_shape: torch.Size, q_sum_log_scale: Tensor | None = None) -> Tensor:
-    r"""``sum_i KL(N(q_i) || N(p_i))`` over ``event_shape``, ``batch_shape``-shaped; ``q_sum_log_scale``:
-    ``sum_i log q_scale_i`` if already known."""
-    k = len(event_shape)
-    n = event_shape.numel()
-    full = batch_shape + event_shape
-    p_loc, p_scale = _scalar_if_broadcast(p_loc), _scalar_if_broadcast(p_scale)
-    if p_loc.numel() == 1 and p_scale.numel() == 1:
-        p_loc, p_scale = p_loc.reshape(()), p_scale.reshape(())
-        q_loc, q_scale = q_loc.expand(full), q_scale.expand(full)
-        diff = q_loc if _is_zero(p_loc) else q_loc - p_loc
-        squares = _sum_squares(q_scale, k) + _sum_squares(diff, k)
-        if q_sum_log_scale is None:
-            q_sum_log_scale = _sum_event(q_scale.log(), k)
-        kl = 0.5 * squares / p_scale.pow(2) - q_sum_log_scale + n * (p_scale.log() - 0.5)
-    else:
-        var_ratio = (q_scale / p_scale).pow(2)
-        t1 = ((q_loc - p_loc) / p_scale).pow(2)
-        kl = _sum_event((0.5 * (var_ratio + t1 - 1.0 - var_ratio.log())).expand(full), k)
+def _kl_event_normals(q: TorchDistribution, p: TorchDistribution) -> Tensor:
+    r"""``sum_i KL(N(q_i) || N(p_i))`` over the event, ``batch_shape``-shaped, for any pair of
+    :class:`FactorizedNormal` and ``Normal(...).to_event(k)`` with one event shape."""
+    q_params, p_params = _normal_params(q), _normal_params(p)
+    if q_params is None or p_params is None or q.event_shape != p.event_shape:
+        raise NotImplementedError
+    batch_shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
+    full = batch_shape + q.event_shape
+    sum_log_q_scale = q._sum_log_scale() if isinstance(q, FactorizedNormal) else None
+    kl = normal_kl_sum(q_params[0].expand(full), q_params[1].expand(full), *p_params,
+                       event_dim=len(q.event_shape), sum_log_q_scale=sum_log_q_scale)
     return kl.expand(batch_shape)
 
 
-@register_kl(FactorizedNormal, FactorizedNormal)
-def _kl_factorized_factorized(q: FactorizedNormal, p: FactorizedNormal) -> Tensor:
-    if q.event_shape != p.event_shape:
-        raise NotImplementedError
-    return _kl_sum(q.loc, q.scale, p.loc, p.scale, q.event_shape,
-                   torch.broadcast_shapes(q.batch_shape, p.batch_shape), q._sum_log_scale())
-
-
-@register_kl(Independent, FactorizedNormal)
-def _kl_independent_normal_factorized(q: Independent, p: FactorizedNormal) -> Tensor:
-    base = _base_normal(q)
-    if base is None or q.event_shape != p.event_shape:
-        raise NotImplementedError
-    return _kl_sum(base.loc, base.scale, p.loc, p.scale, q.event_shape,
-                   torch.broadcast_shapes(q.batch_shape, p.batch_shape))
-
-
-@register_kl(FactorizedNormal, Independent)
-def _kl_factorized_independent_normal(q: FactorizedNormal, p: Independent) -> Tensor:
-    base = _base_normal(p)
-    if base is None or q.event_shape != p.event_shape:
-        raise NotImplementedError
-    return _kl_sum(q.loc, q.scale, base.loc, base.scale, q.event_shape,
-                   torch.broadcast_shapes(q.batch_shape, p.batch_shape), q._sum_log_scale())
+register_kl(FactorizedNormal, FactorizedNormal)(_kl_event_normals)
+register_kl(Independent, FactorizedNormal)(_kl_event_normals)
+register_kl(FactorizedNormal, Independent)(_kl_event_normals)

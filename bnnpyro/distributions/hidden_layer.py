@@ -394,7 +394,7 @@ def _kl_hiddenlayer_hiddenlayer(q: HiddenLayer, p: HiddenLayer) -> Tensor:
     if _broadcast_of(p.A_mean, q.A_prior_mean) and _broadcast_of(p.A_scale, q.A_prior_scale):
         kl = q.KL  # p is q's own prior: reuse the KL already computed for log_prob
     else:
-        kl = normal_kl_sum(q.A_mean, q.A_scale, *_as_scalar_if_broadcast(p.A_mean, p.A_scale))
+        kl = normal_kl_sum(q.A_mean, q.A_scale, p.A_mean, p.A_scale)
     return (q._kl_per_row * kl).expand(q.batch_shape)
 
 
@@ -408,10 +408,3 @@ def _broadcast_of(t: Tensor, source: Tensor | float) -> bool:
         and t.data_ptr() == source.data_ptr()
         and all(stride == 0 for stride in t.stride())
     )
-
-
-def _as_scalar_if_broadcast(mean: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-    """An expanded one-element prior parameter back to its one element (a cheaper KL)."""
-    def shrink(t: Tensor) -> Tensor:
-        return t.reshape(-1)[:1].reshape(()) if all(stride == 0 for stride in t.stride()) else t
-    return shrink(mean), shrink(scale)

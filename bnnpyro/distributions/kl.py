@@ -29,6 +29,50 @@ def normal_kl(
     return 0.5 * (var_ratio + t1 - 1.0 - torch.log(var_ratio))
 
 
+class _SquaredNorm(torch.autograd.Function):
+    """``(t * t).sum()`` as one dot product, backward ``2 g t``: one pass each way, no temporaries
+    (``vector_norm(t).square()`` takes three passes back, autograd's ``(t * t).sum()`` a temporary)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        ctx.save_for_backward(t)
+        flat = t.reshape(-1)
+        return torch.dot(flat, flat)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (t,) = ctx.saved_tensors
+        return t * (2.0 * grad)
+
+
+def sum_squares(t: Tensor, event_dim: int | None = None) -> Tensor:
+    """``t * t`` summed over the rightmost ``event_dim`` dims (all by default), without a ``t``-sized
+    temporary."""
+    k = t.dim() if event_dim is None else event_dim
+    if k == 0:
+        return t * t
+    if k == t.dim():
+        return _SquaredNorm.apply(t)
+    return torch.linalg.vector_norm(t, dim=tuple(range(-k, 0))).square()
+
+
+def sum_event(t: Tensor, event_dim: int) -> Tensor:
+    """``t`` summed over its rightmost ``event_dim`` dims."""
+    return t.sum(tuple(range(-event_dim, 0))) if event_dim else t
+
+
+def is_zero(t: Tensor) -> bool:
+    """Whether the one-element ``t`` is a constant 0 (then ``x - t`` can be skipped: one pass fewer)."""
+    return not t.requires_grad and bool(t == 0)
+
+
+def _scalar_if_broadcast(t: Tensor | float) -> Tensor | float:
+    """A tensor expanded from one element (all strides 0) back to that element, a 0-d view."""
+    if torch.is_tensor(t) and t.numel() > 1 and all(stride == 0 for stride in t.stride()):
+        return t.as_strided((), ())
+    return t
+
+
 def _is_scalar(t: Tensor | float) -> bool:
     return not torch.is_tensor(t) or t.numel() == 1
 
@@ -38,26 +82,37 @@ def normal_kl_sum(
     q_scale: Tensor,
     p_mean: Tensor | float = 0.0,
     p_scale: Tensor | float = 1.0,
+    *,
+    event_dim: int | None = None,
+    sum_log_q_scale: Tensor | None = None,
 ) -> Tensor:
     r"""
-    :func:`normal_kl` summed over all elements (a scalar). With a scalar prior (``p_mean``,
-    ``p_scale`` floats or one-element tensors) it uses the summed closed form
+    :func:`normal_kl` summed over the rightmost ``event_dim`` dims of the broadcast shape (all by
+    default). With a scalar prior (``p_mean``, ``p_scale`` floats, one-element tensors, or tensors
+    expanded from one element) it uses the summed closed form
 
     .. math::
 
         \sum_i \mathrm{KL}_i = \frac{\sum_i \sigma_{q,i}^2 + \sum_i (\mu_{q,i} - \mu_p)^2}{2\sigma_p^2}
         - \sum_i \log\sigma_{q,i} + n \log\sigma_p - \frac n2,
 
-    three elementwise passes over the weights instead of ten.
+    three reductions over the weights (two dot products and a log-sum) instead of ten elementwise
+    passes. ``sum_log_q_scale``: :math:`\sum_i \log\sigma_{q,i}` if the caller has it already.
     """
+    p_mean, p_scale = _scalar_if_broadcast(p_mean), _scalar_if_broadcast(p_scale)
     if not (_is_scalar(p_mean) and _is_scalar(p_scale)):
-        return normal_kl(q_mean, q_scale, p_mean, p_scale).sum()
+        kl = normal_kl(q_mean, q_scale, p_mean, p_scale)
+        return sum_event(kl, kl.dim() if event_dim is None else event_dim)
     q_mean, q_scale = torch.broadcast_tensors(q_mean, q_scale)
-    n = q_mean.numel()
+    k = q_mean.dim() if event_dim is None else event_dim
+    n = q_mean.shape[q_mean.dim() - k:].numel()
     p_scale = torch.as_tensor(p_scale, dtype=q_scale.dtype, device=q_scale.device).reshape(())
     p_mean = torch.as_tensor(p_mean, dtype=q_mean.dtype, device=q_mean.device).reshape(())
-    squares = q_scale.pow(2).sum() + (q_mean - p_mean).pow(2).sum()
-    return 0.5 * squares / p_scale.pow(2) - q_scale.log().sum() + n * (p_scale.log() - 0.5)
+    diff = q_mean if is_zero(p_mean) else q_mean - p_mean
+    squares = sum_squares(q_scale, k) + sum_squares(diff, k)
+    if sum_log_q_scale is None:
+        sum_log_q_scale = sum_event(q_scale.log(), k)
+    return 0.5 * squares / p_scale.pow(2) - sum_log_q_scale + n * (p_scale.log() - 0.5)
 
 
 def minibatch_kl_factor(
