@@ -75,7 +75,6 @@ OUTPUT_ESTIMATORS: tuple[str, ...] = ("weight_space", "local_reparameterization"
 OUTPUT_SITE = "output.weight"
 
 
-
 class _SoftmaxCategorical(TorchDistribution):
     r"""
     ``Categorical(logits=logits)`` over the last dimension, its ``log_prob`` one fused
