@@ -62,8 +62,9 @@ def sum_event(t: Tensor, event_dim: int) -> Tensor:
 
 
 def is_zero(t: Tensor) -> bool:
-    """Whether the one-element ``t`` is a constant 0 (then ``x - t`` can be skipped: one pass fewer)."""
-    return not t.requires_grad and bool(t == 0)
+    """Whether the one-element ``t`` is a constant 0 (then ``x - t`` can be skipped: one pass fewer).
+    Only asked of CPU tensors: on an accelerator the answer would cost a device synchronisation."""
+    return t.device.type == "cpu" and not t.requires_grad and bool(t == 0)
 
 
 def _scalar_if_broadcast(t: Tensor | float) -> Tensor | float:
