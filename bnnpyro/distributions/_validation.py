@@ -6,6 +6,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from bnnpyro.distributions._shapes import broadcast_shapes
+
 
 def check_value_shape(d: Distribution, value: Tensor) -> None:
     """
@@ -22,7 +24,7 @@ def check_value_shape(d: Distribution, value: Tensor) -> None:
             f"The right-most size of value must match event_shape: {tuple(value.shape)} vs {tuple(d.event_shape)}."
         )
     try:
-        torch.broadcast_shapes(value.shape[: value.dim() - k], d.batch_shape)
+        broadcast_shapes(value.shape[: value.dim() - k], d.batch_shape)
     except RuntimeError:
         raise ValueError(
             f"Value is not broadcastable with batch_shape+event_shape: {tuple(value.shape)} vs "

@@ -14,6 +14,7 @@ from torch.distributions import Distribution, constraints
 from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
+from bnnpyro.distributions._shapes import broadcast_shapes
 from bnnpyro.distributions._validation import check_value_shape
 from bnnpyro.distributions.hidden_layer import ESTIMATORS, random_signs
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
@@ -365,7 +366,7 @@ class ConvLayer(TorchDistribution):
         """
         if self._validate_args:
             check_value_shape(self, value)
-        shape = torch.broadcast_shapes(value.shape[: value.dim() - len(self.event_shape)], self.batch_shape)
+        shape = broadcast_shapes(value.shape[: value.dim() - len(self.event_shape)], self.batch_shape)
         return (self._kl_per_row * self.KL).expand(shape)
 
 

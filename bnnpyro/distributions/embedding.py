@@ -12,6 +12,7 @@ from torch.distributions import Distribution, constraints
 from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
+from bnnpyro.distributions._shapes import broadcast_shapes
 from bnnpyro.distributions._validation import check_value_shape
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
@@ -203,7 +204,7 @@ class EmbeddingLayer(TorchDistribution):
         """
         if self._validate_args:
             check_value_shape(self, value)
-        shape = torch.broadcast_shapes(value.shape[:-2], self.batch_shape)
+        shape = broadcast_shapes(value.shape[:-2], self.batch_shape)
         return (self._kl_per_row * self.KL).expand(shape)
 
 

@@ -11,7 +11,8 @@ from torch.distributions import Independent, Normal, constraints
 from torch.distributions.kl import register_kl
 from torch.utils.weak import WeakIdKeyDictionary
 
-from bnnpyro.distributions.kl import is_zero, normal_kl_sum, sum_event, sum_squares
+from bnnpyro.distributions._shapes import broadcast_shapes
+from bnnpyro.distributions.kl import constant_value, is_zero, normal_kl_sum, sum_event, sum_squares
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 # the draws of every FactorizedNormal (by identity, while they live): real wherever their loc and
@@ -65,13 +66,16 @@ class FactorizedNormal(TorchDistribution):
         kwargs = {} if like is None else {"dtype": like.dtype, "device": like.device}
         self.loc = torch.as_tensor(loc, **kwargs)
         self.scale = torch.as_tensor(scale, **kwargs)
-        shape = torch.broadcast_shapes(self.loc.shape, self.scale.shape)
+        shape = broadcast_shapes(self.loc.shape, self.scale.shape)
         event_shape = shape if event_shape is None else torch.Size(event_shape)
         k = len(event_shape)
-        try:
-            full = torch.broadcast_shapes(shape, event_shape)
-        except RuntimeError:
-            full = None
+        if shape[len(shape) - k:] == event_shape:
+            full = shape  # loc and scale have the event's shape (the usual case)
+        else:
+            try:
+                full = torch.broadcast_shapes(shape, event_shape)
+            except RuntimeError:
+                full = None
         if full is None or full[len(full) - k:] != event_shape:
             raise ValueError(
                 f"loc {tuple(self.loc.shape)} and scale {tuple(self.scale.shape)} do not broadcast to "
@@ -136,14 +140,16 @@ class FactorizedNormal(TorchDistribution):
             squares = sum_squares(self._noise[1], k)
             log_p = -0.5 * squares - self._sum_log_scale()
         elif self._num_scalar:
-            loc = self.loc.reshape(())
+            loc, scale = constant_value(self.loc), constant_value(self.scale)
+            if loc is None or scale is None:
+                loc, scale = self.loc.reshape(()), self.scale.reshape(())
             squares = sum_squares(value if is_zero(loc) else value - loc, k)
-            log_p = -0.5 * squares / self.scale.reshape(()).pow(2) - self._sum_log_scale()
+            log_p = squares * (-0.5 / scale**2) - self._sum_log_scale()
         else:
             z = (value - self.loc) / self.scale
             log_p = -0.5 * sum_squares(z, k) - self._sum_log_scale()
         log_p = log_p - self.event_shape.numel() * _HALF_LOG_2PI
-        return log_p.expand(torch.broadcast_shapes(value.shape[: value.dim() - k], self.batch_shape))
+        return log_p.expand(broadcast_shapes(value.shape[: value.dim() - k], self.batch_shape))
 
     def entropy(self) -> Tensor:
         n = self.event_shape.numel()
@@ -166,7 +172,7 @@ def _kl_event_normals(q: TorchDistribution, p: TorchDistribution) -> Tensor:
     q_params, p_params = _normal_params(q), _normal_params(p)
     if q_params is None or p_params is None or q.event_shape != p.event_shape:
         raise NotImplementedError
-    batch_shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
+    batch_shape = broadcast_shapes(q.batch_shape, p.batch_shape)
     full = batch_shape + q.event_shape
     sum_log_q_scale = q._sum_log_scale() if isinstance(q, FactorizedNormal) else None
     kl = normal_kl_sum(q_params[0].expand(full), q_params[1].expand(full), *p_params,

@@ -13,6 +13,7 @@ from torch.distributions import Distribution, constraints
 from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
+from bnnpyro.distributions._shapes import broadcast_shapes
 from bnnpyro.distributions._validation import check_value_shape
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
@@ -377,7 +378,7 @@ class HiddenLayer(TorchDistribution):
             check_value_shape(self, value)
         shape = value.shape[:-1]
         if shape != self.batch_shape:
-            shape = torch.broadcast_shapes(shape, self.batch_shape)
+            shape = broadcast_shapes(shape, self.batch_shape)
         return (self._kl_per_row * self.KL).expand(shape)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from numbers import Number
 
 import torch
@@ -52,6 +53,9 @@ def sum_squares(t: Tensor, event_dim: int | None = None) -> Tensor:
     if k == 0:
         return t * t
     if k == t.dim():
+        if not (t.requires_grad and torch.is_grad_enabled()):
+            flat = t.reshape(-1)
+            return torch.dot(flat, flat)
         return _SquaredNorm.apply(t)
     return torch.linalg.vector_norm(t, dim=tuple(range(-k, 0))).square()
 
@@ -61,9 +65,12 @@ def sum_event(t: Tensor, event_dim: int) -> Tensor:
     return t.sum(tuple(range(-event_dim, 0))) if event_dim else t
 
 
-def is_zero(t: Tensor) -> bool:
-    """Whether the one-element ``t`` is a constant 0 (then ``x - t`` can be skipped: one pass fewer).
-    Only asked of CPU tensors: on an accelerator the answer would cost a device synchronisation."""
+def is_zero(t: Tensor | float) -> bool:
+    """Whether the number or one-element ``t`` is a constant 0 (then ``x - t`` can be skipped: one
+    pass fewer). Only asked of CPU tensors: on an accelerator the answer would cost a device
+    synchronisation."""
+    if isinstance(t, Number):
+        return t == 0
     return t.device.type == "cpu" and not t.requires_grad and bool(t == 0)
 
 
@@ -76,6 +83,17 @@ def _scalar_if_broadcast(t: Tensor | float) -> Tensor | float:
 
 def _is_scalar(t: Tensor | float) -> bool:
     return not torch.is_tensor(t) or t.numel() == 1
+
+
+def constant_value(t: Tensor | float) -> float | None:
+    """The value of a number, or of a one-element CPU tensor that needs no gradient (a fixed prior
+    parameter); ``None`` otherwise (learned, or on an accelerator, where reading it would cost a
+    device synchronisation)."""
+    if isinstance(t, Number):
+        return float(t)
+    if t.device.type == "cpu" and not t.requires_grad:
+        return t.item()
+    return None
 
 
 def normal_kl_sum(
@@ -104,15 +122,21 @@ def normal_kl_sum(
     if not (_is_scalar(p_mean) and _is_scalar(p_scale)):
         kl = normal_kl(q_mean, q_scale, p_mean, p_scale)
         return sum_event(kl, kl.dim() if event_dim is None else event_dim)
-    q_mean, q_scale = torch.broadcast_tensors(q_mean, q_scale)
+    if q_mean.shape != q_scale.shape:
+        q_mean, q_scale = torch.broadcast_tensors(q_mean, q_scale)
     k = q_mean.dim() if event_dim is None else event_dim
     n = q_mean.shape[q_mean.dim() - k:].numel()
-    p_scale = torch.as_tensor(p_scale, dtype=q_scale.dtype, device=q_scale.device).reshape(())
-    p_mean = torch.as_tensor(p_mean, dtype=q_mean.dtype, device=q_mean.device).reshape(())
-    diff = q_mean if is_zero(p_mean) else q_mean - p_mean
-    squares = sum_squares(q_scale, k) + sum_squares(diff, k)
     if sum_log_q_scale is None:
         sum_log_q_scale = sum_event(q_scale.log(), k)
+    constant_mean, constant_scale = constant_value(p_mean), constant_value(p_scale)
+    if constant_mean is not None and constant_scale is not None:
+        # a fixed prior: its terms are Python floats, no tensor ops on one-element tensors
+        diff = q_mean if constant_mean == 0 else q_mean - constant_mean
+        squares = sum_squares(q_scale, k) + sum_squares(diff, k)
+        return squares * (0.5 / constant_scale**2) - sum_log_q_scale + n * (math.log(constant_scale) - 0.5)
+    p_scale = torch.as_tensor(p_scale, dtype=q_scale.dtype, device=q_scale.device).reshape(())
+    p_mean = torch.as_tensor(p_mean, dtype=q_mean.dtype, device=q_mean.device).reshape(())
+    squares = sum_squares(q_scale, k) + sum_squares(q_mean - p_mean, k)
     return 0.5 * squares / p_scale.pow(2) - sum_log_q_scale + n * (p_scale.log() - 0.5)
 
 
