@@ -70,6 +70,38 @@ def test_non_linearity_and_hidden_bias():
     assert (h[..., :-1] >= 0).all() and (h[..., -1] == 1).all()
 
 
+@pytest.mark.parametrize("estimator, sample_shape", [
+    ("local_reparameterization", ()),  # the fused training sampler, one draw per row
+    ("local_reparameterization", (100_000,)),
+    ("weight_space", (100_000,)),
+    ("flipout", (100_000,)),
+])
+def test_without_autograd_bias_column_written_in_place_same_distribution(estimator, sample_shape):
+    # under no_grad the ones column is produced in place (zero weight column, then set to 1) and
+    # ReLU applied in place: the same distribution as with autograd. Closed forms per entry:
+    # identity -> N(mu, v); ReLU -> rectified Gaussian mean mu Phi(mu/s) + s phi(mu/s).
+    X0 = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.3, -1.0]])
+    X = X0.repeat(50_000, 1) if not sample_shape else X0
+    A_mean, A_scale = _layer_params()
+    mu, var = X0 @ A_mean, (X0**2) @ A_scale**2
+    sd = var.sqrt()
+    std_normal = torch.distributions.Normal(0.0, 1.0)
+    relu_mean = mu * std_normal.cdf(mu / sd) + sd * std_normal.log_prob(mu / sd).exp()
+    for non_linearity, expected_mean in ((identity, mu), (F.relu, relu_mean)):
+        d = HiddenLayer(X, A_mean, A_scale, non_linearity=non_linearity, estimator=estimator)
+        with torch.no_grad():
+            h = d.rsample(sample_shape)
+        assert h.shape == torch.Size(sample_shape) + X.shape[:-1] + (5,)
+        assert (h[..., -1] == 1).all()
+        h = h[..., :-1].reshape(-1, 2, 4)  # draws x the two distinct rows x H
+        n = h.size(0)
+        assert ((h.mean(0) - expected_mean).abs() <= 5 * (var / n).sqrt()).all()
+        if non_linearity is identity:
+            assert ((h.var(0) - var).abs() <= 5 * var * math.sqrt(2 / n)).all()
+        else:
+            assert (h >= 0).all()
+
+
 # ---------------------------------------------------------------- 2. folded KL
 
 

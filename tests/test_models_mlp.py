@@ -71,11 +71,15 @@ def test_heteroscedastic_regressor_learns_input_dependent_noise():
     y = torch.sin(3 * x.squeeze(-1)) + noise * torch.randn(600, generator=g)
     m = BayesianMLPRegressor(1, hidden=(32,), dataset_size=600, noise="heteroscedastic")
     fit(m.model, m.guide, (x, y), epochs=150, batch_size=64, seed=0, progress=False)
-    xt = torch.tensor([[-0.5], [0.5]])
+    # predicted noise std averaged over a grid in each half (a single input's estimate varies with
+    # the seed by +-15%): the right half within 25% of its 0.55, the left one well below it
+    # (measured 0.55-0.63 and 0.07-0.08 over four seeds; the left half's 0.05 is inflated by the
+    # mean's own error there)
+    xt = torch.cat([torch.linspace(-0.95, -0.05, 40), torch.linspace(0.05, 0.95, 40)]).unsqueeze(-1)
     with torch.no_grad():
         _, scale = m.mean_and_scale(sample_predictive(m.model, m.guide, xt, 200)["f"])
-    low, high = scale.mean(0)
-    assert 0.02 < low < 0.15 and 0.35 < high < 0.7, (low, high)
+    low, high = scale.mean(0)[:40].mean(), scale.mean(0)[40:].mean()
+    assert 0.02 < low < 0.15 and abs(high - 0.55) < 0.25 * 0.55, (low, high)
 
 
 def test_classifier_learns_digits():

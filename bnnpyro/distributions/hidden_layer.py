@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints
 from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
+from torch.utils.weak import WeakIdKeyDictionary
 
 from bnnpyro.distributions._shapes import broadcast_shapes
 from bnnpyro.distributions._validation import check_value_shape
@@ -19,6 +20,11 @@ from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
 
 ESTIMATORS = ("local_reparameterization", "weight_space", "flipout")
+# non-linearities applied in place to fresh pre-activations when autograd is off
+_RELU = (F.relu, torch.relu)
+# the outputs of every HiddenLayer draw (by identity, while they live): a later layer taking one
+# as its X need not check it for NaN again
+_ACTIVATIONS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def random_signs(shape: torch.Size, like: Tensor) -> Tensor:
@@ -264,8 +270,12 @@ class HiddenLayer(TorchDistribution):
         self._validate_args = validate
 
     def _check_values(self) -> None:
-        # fast path, one fused check: NaN/inf propagate into the sums
-        total = self.X.sum() + self.A_mean.sum() + self.A_scale.sum()
+        # fast path, one fused check: NaN/inf propagate into the sums. An X drawn by another
+        # HiddenLayer (a hidden layer's output) is not summed again: it is finite wherever that
+        # layer's arguments are, and under a plate of S posterior samples it is S x B x H.
+        total = self.A_mean.sum() + self.A_scale.sum()
+        if self.X not in _ACTIVATIONS:
+            total = total + self.X.sum()
         prior_scale = torch.as_tensor(self.A_prior_scale)
         if bool(torch.isfinite(total)) and bool(self.A_scale.min() > 0) and bool((prior_scale > 0).all()):
             if not (isinstance(self.KL_factor, Number) and self.KL_factor < 0):
@@ -324,50 +334,66 @@ class HiddenLayer(TorchDistribution):
         mean, std = self._pre_activation_mean_std()
         return mean, std**2
 
-    def _pre_activation_mean_std(self) -> tuple[Tensor, Tensor]:
+    def _pre_activation_mean_std(
+        self, A_mean: Tensor | None = None, A_scale: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         X = self._X_distinct
-        return X @ self.A_mean, _PreActivationStd.apply(X, self.A_scale)
+        A_mean = self.A_mean if A_mean is None else A_mean
+        A_scale = self.A_scale if A_scale is None else A_scale
+        return X @ A_mean, _PreActivationStd.apply(X, A_scale)
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
         sample_shape = torch.Size(sample_shape)
+        # Without autograd (prediction) the bias column is produced in place: the weights get a
+        # zero column, so the pre-activations come out ... x (H + 1) with a zero last column, which
+        # is set to 1 after the non-linearity, instead of concatenating a copy of the whole output.
+        bias_in_place = self.include_hidden_bias and not torch.is_grad_enabled()
+        A_mean, A_scale = self.A_mean, self.A_scale
+        if bias_in_place:
+            A_mean, A_scale = F.pad(A_mean, (0, 1)), F.pad(A_scale, (0, 1))
         if self.estimator == "weight_space":
             # one weight matrix per replica of the network (all but the minibatch dim)
             lead = sample_shape + self.batch_shape[:-1]
-            eps = torch.randn(lead + self.A_mean.shape, dtype=self.X.dtype, device=self.X.device)
-            A = self.A_mean + eps * self.A_scale
+            eps = torch.randn(lead + A_mean.shape, dtype=self.X.dtype, device=self.X.device)
+            A = torch.addcmul(A_mean, eps, A_scale)
             X = self.X if self.batch_shape else self.X.unsqueeze(-2)
             pre = X @ A
             if not self.batch_shape:
                 pre = pre.squeeze(-2)
         elif self.estimator == "flipout":
-            pre = self._flipout_pre_activations(sample_shape)
+            pre = self._flipout_pre_activations(sample_shape, A_mean, A_scale)
         elif not sample_shape and self._X_distinct.shape == self.X.shape:
             # the training case, one draw for the rows of X: one fused autograd node
-            eps = torch.randn(self.X.shape[:-1] + (self.dim_H,), dtype=self.X.dtype, device=self.X.device)
-            pre = _LocalReparameterizationSample.apply(self.X, self.A_mean, self.A_scale, eps)
+            eps = torch.randn(self.X.shape[:-1] + A_mean.shape[-1:], dtype=self.X.dtype, device=self.X.device)
+            pre = _LocalReparameterizationSample.apply(self.X, A_mean, A_scale, eps)
         else:
-            mean, std = self._pre_activation_mean_std()
+            mean, std = self._pre_activation_mean_std(A_mean, A_scale)
             shape = sample_shape + self.batch_shape + mean.shape[-1:]
             eps = torch.randn(shape, dtype=mean.dtype, device=mean.device)
             pre = torch.addcmul(mean, eps, std)
-        out = self.non_linearity(pre)
-        if self.include_hidden_bias:
-            out = torch.cat([out, out.new_ones(out.shape[:-1] + (1,))], dim=-1)
+        if bias_in_place:
+            out = pre.relu_() if self.non_linearity in _RELU else self.non_linearity(pre)
+            out[..., -1] = 1.0
+        else:
+            out = self.non_linearity(pre)
+            if self.include_hidden_bias:
+                out = torch.cat([out, out.new_ones(out.shape[:-1] + (1,))], dim=-1)
+        _ACTIVATIONS[out] = True
         return out
 
-    def _flipout_pre_activations(self, sample_shape: torch.Size) -> Tensor:
+    def _flipout_pre_activations(self, sample_shape: torch.Size, A_mean: Tensor, A_scale: Tensor) -> Tensor:
         """``X @ A_mean + ((X * s_in) @ dA) * s_out``: one ``dA`` per replica, signs per row."""
         X = self.X.expand(sample_shape + self.X.shape)
         lead = sample_shape + self.batch_shape[:-1]
-        dA = self.A_scale * torch.randn(lead + self.A_mean.shape, dtype=X.dtype, device=X.device)
+        dA = A_scale * torch.randn(lead + A_mean.shape, dtype=X.dtype, device=X.device)
         s_in = random_signs(X.shape, X)
-        s_out = random_signs(X.shape[:-1] + (self.dim_H,), X)
+        s_out = random_signs(X.shape[:-1] + A_mean.shape[-1:], X)
         Xs = X * s_in
         if not self.batch_shape:
             perturbation = (Xs.unsqueeze(-2) @ dA).squeeze(-2)
         else:
             perturbation = Xs @ dA
-        return torch.addcmul(self._X_distinct @ self.A_mean, perturbation, s_out)
+        return torch.addcmul(self._X_distinct @ A_mean, perturbation, s_out)
 
     def log_prob(self, value: Tensor) -> Tensor:
         """
