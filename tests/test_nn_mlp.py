@@ -243,14 +243,16 @@ def test_state_dict_round_trip():
     buffer = io.BytesIO()
     torch.save(m.state_dict(), buffer)
     buffer.seek(0)
-    pyro.clear_param_store()  # the store would take precedence over the loaded value
+    # loaded in the same process, the trained model's store entry still there: the loaded value is used
     loaded = BayesianMLP(3, 1, hidden=(4,))
     loaded.load_state_dict(torch.load(buffer))
     assert loaded.sigma.item() == pytest.approx(sigma)
     weights = {k: v.detach() for k, v in guide.median().items()}
     f = poutine.condition(loaded, data=weights)(x, y)
     assert torch.allclose(f, poutine.condition(m, data=weights)(x, y))
-    assert pyro.param("sigma").item() == pytest.approx(sigma)  # the model call registered the loaded value
+    # the model call registered the loaded value under the new instance's own name
+    assert pyro.param(f"{loaded._param_prefix}.sigma").item() == pytest.approx(sigma)
+    assert loaded._param_prefix != m._param_prefix
     fixed = BayesianMLP(3, 1, noise_scale=0.3)
     assert fixed.state_dict()["sigma"].item() == pytest.approx(0.3)
 
@@ -259,3 +261,24 @@ def test_module_pickles():
     m = BayesianMLP(3, 2, hidden=(4,), prior=Prior("scale_mixture"), likelihood="classification")
     copy = pickle.loads(pickle.dumps(m))
     assert copy(torch.randn(5, 3)).shape == (5, 2)
+
+
+def test_two_models_in_one_process_keep_their_own_noise_scale():
+    # Pyro's param store is global and keyed by name: with a plain "sigma" the second model would
+    # read the first one's trained value (and SVI step only the first one's tensor)
+    x, y = torch.randn(64, 3), 5 * torch.randn(64)
+    a, b = BayesianMLP(3, 1, hidden=(8,), dataset_size=64), BayesianMLP(3, 1, hidden=(8,), dataset_size=64)
+    guide_b = AnalyticAutoNormal(b)
+    guide_b(x, y)
+    svi = SVI(a, AnalyticAutoNormal(a), pyro.optim.Adam({"lr": 0.05}), TraceMeanField_ELBO())
+    for _ in range(50):
+        svi.step(x, y)
+    assert a.sigma.item() > 2.0  # y has std 5: sigma grew from 1
+    assert b.sigma.item() == pytest.approx(1.0)
+    svi = SVI(b, guide_b, pyro.optim.Adam({"lr": 0.05}), TraceMeanField_ELBO())
+    a_sigma = a.sigma.item()
+    for _ in range(50):
+        svi.step(x, y)
+    assert b.sigma.item() > 2.0 and a.sigma.item() == a_sigma
+    # the sample sites keep their plain names
+    assert "layers.0.weight" in poutine.trace(b).get_trace(x, y).nodes

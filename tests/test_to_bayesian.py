@@ -151,8 +151,9 @@ def test_exclude_keeps_parameters_deterministic(trained, exclude, sampled):
     sites = _sites(bnn, x)
     assert _sample_sites(bnn, x) == sampled
     params = dict(net.named_parameters())
-    for name in set(params) - sampled:
-        assert sites[name]["type"] == "param" and torch.equal(sites[name]["value"], params[name])
+    for name in set(params) - sampled:  # in the param store under the converted model's own prefix
+        site = sites[f"{bnn._param_prefix}.{name}"]
+        assert site["type"] == "param" and torch.equal(site["value"], params[name])
     with torch.no_grad():
         assert (poutine.condition(bnn, data=pretrained_values(bnn))(x) - net(x)).abs().max() <= 1e-6
 
@@ -246,9 +247,10 @@ def test_pretrained_prior_scale_is_learned(trained, digits, guide_cls, elbo):
     for _ in range(30):
         svi.step(x[:128], y[:128])
     for name in ("0.priors.weight.scale", "0.priors.bias.scale", "2.priors.weight.scale"):
-        scale = pyro.param(name).item()
+        scale = pyro.param(f"{bnn._param_prefix}.{name}").item()
         assert 0 < scale < 0.3, name
-    assert bnn[0].priors["weight"].scale.item() == pytest.approx(pyro.param("0.priors.weight.scale").item())
+    assert bnn[0].priors["weight"].scale.item() == pytest.approx(
+        pyro.param(f"{bnn._param_prefix}.0.priors.weight.scale").item())
 
 
 def test_pretrained_prior_scale_can_be_fixed(trained, digits):
@@ -303,3 +305,35 @@ def test_a_shared_module_stays_shared():
     bnn = to_bayesian(nn.Sequential(shared, nn.Tanh(), shared))
     assert bnn[0] is bnn[2] and isinstance(bnn[0], BayesianLinear)
     assert len(_sample_sites(bnn, torch.randn(3, 4))) == 2
+
+
+def test_two_converted_models_in_one_process_train_their_own_parameters():
+    """The deterministic (excluded) parameters of two conversions of one architecture are distinct
+    Pyro params: training the second moves its own, not the first one's (whose names they would
+    share in Pyro's global param store), and a pickled copy keeps names of its own."""
+    x, y = torch.randn(64, 3), torch.randn(64)
+
+    def converted():
+        return to_bayesian(nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1)), exclude="0")
+
+    def regression(net):
+        def model(x, y=None):
+            f = net(x).squeeze(-1)  # the weights drawn outside the data plate
+            with pyro.plate("data", len(x)):
+                pyro.sample("y", dist.Normal(f, 1.0), obs=y)
+        return model
+
+    a, b = converted(), converted()
+    for net in (a, b):
+        before_a, before_b = a[0].weight.detach().clone(), b[0].weight.detach().clone()
+        model = regression(net)
+        svi = SVI(model, AnalyticAutoNormal(model), pyro.optim.Adam({"lr": 0.05}), TraceMeanField_ELBO())
+        for _ in range(20):
+            svi.step(x, y)
+        trained, other = (a, b) if net is a else (b, a)
+        assert not torch.equal(trained[0].weight, before_a if net is a else before_b)
+        assert torch.equal(other[0].weight, before_b if net is a else before_a)
+    copy = pickle.loads(pickle.dumps(b))
+    assert copy._param_prefix == b._param_prefix and type(copy[0]) is type(b[0])
+    assert f"{b._param_prefix}.0.weight" in poutine.trace(copy).get_trace(x).nodes
+    assert "2.weight" in poutine.trace(copy).get_trace(x).nodes  # a sample site, plain name

@@ -23,6 +23,7 @@ from bnnpyro.nn.embedding import BayesianEmbedding
 from bnnpyro.nn.estimators import ESTIMATORS, estimator
 from bnnpyro.nn.linear import BayesianLinear
 from bnnpyro.nn.lstm import BayesianLSTM
+from bnnpyro.nn.param_names import new_param_prefix, unique_param_names_
 
 PriorChoice = Union[Prior, str, Callable[[str, Tensor], Union[Prior, ParameterPrior]]]
 
@@ -173,7 +174,10 @@ def to_bayesian(
       by two converted layers (tied weights) becomes two independent sample sites.
     - Every other parameter (BatchNorm, LayerNorm, GRU, custom parameters, ...) stays
       deterministic: a Pyro param, point-estimated by SVI. So do all parameters of the layers
-      matched by ``exclude``.
+      matched by ``exclude``. In Pyro's param store these are named ``<prefix>.<path>`` with a
+      prefix unique to the converted model (``<class name>_<k>``), so that two converted models
+      in one process never share them; sample sites keep their plain paths
+      (:mod:`bnnpyro.nn.param_names`).
     - Each converted layer holds its priors in ``layer.priors`` (parameter name ->
       :class:`~bnnpyro.distributions.ParameterPrior`), lists its sample sites in
       ``layer.bayesian_parameters`` and keeps ``module``'s values of them (non-persistent
@@ -253,7 +257,8 @@ def to_bayesian(
     bnn = _Converter(prior, exclude, float(pretrained_scale), bool(learn_prior_scale)).module(
         copy.deepcopy(module), "")
     bnn.estimator = estimator
-    return bnn
+    # its point-estimated parameters get param-store names of this model's own (sample sites keep theirs)
+    return unique_param_names_(bnn, new_param_prefix(type(module).__name__))
 
 
 def pretrained_values(module: nn.Module) -> dict[str, Tensor]:

@@ -32,12 +32,13 @@ from bnnpyro._checks import positive_int
 from bnnpyro.distributions.priors import Prior
 from bnnpyro.nn.activations import resolve_non_linearity
 from bnnpyro.nn.linear import BayesianLinear
+from bnnpyro.nn.param_names import UniqueParamNames, new_param_prefix
 
 LIKELIHOODS = ("regression", "classification")
 
 
 
-class BayesianMLP(PyroModule):
+class BayesianMLP(UniqueParamNames, PyroModule):
     r"""
     ``in_features -> hidden... -> out_features`` network of :class:`BayesianLinear` layers
     (sites ``layers.<i>.weight`` / ``layers.<i>.bias``) with ``non_linearity`` between them,
@@ -50,7 +51,9 @@ class BayesianMLP(PyroModule):
       sigma)`` with ``y`` of shape ``B`` if ``out_features == 1``, else
       ``Normal(f, sigma).to_event(1)`` with ``y`` ``B x out``. :math:`\sigma` is a learned
       :class:`~pyro.nn.PyroParam` ``sigma`` (positive, initial value 1), or the constant
-      ``noise_scale`` (a buffer ``sigma``).
+      ``noise_scale`` (a buffer ``sigma``). In Pyro's param store the learned ``sigma`` is
+      ``<param_prefix>.sigma``, unique to the instance (``BayesianMLP_<k>``), so that two models
+      in one process never share it (see :mod:`bnnpyro.nn.param_names`).
     - ``"classification"``: ``Categorical(logits=f)``, ``y`` int64 of shape ``B`` in
       ``0 .. out_features - 1``.
 
@@ -97,6 +100,8 @@ class BayesianMLP(PyroModule):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        # sigma is stored in Pyro's param store under a name of this instance's own
+        self._param_prefix = new_param_prefix(type(self).__name__)
         if isinstance(prior, dict):
             prior = Prior(**prior)
         self.in_features = positive_int("in_features", in_features)

@@ -1,0 +1,89 @@
+r"""
+Names in Pyro's param store unique to one model instance.
+
+Pyro keeps a ``PyroModule``'s point-estimated parameters (its :class:`~pyro.nn.PyroParam` s, its
+``nn.Parameter`` s and those of plain ``nn.Module`` children) in the *global* param store, keyed
+by their attribute path (``sigma``, ``0.weight``). Two instances of one architecture therefore
+share these entries: whichever runs second reads the first one's values, and SVI steps the tensors
+registered first, so the second model's own parameters are silently never trained (and a
+``state_dict`` loaded into a new instance is overridden by a stale store entry). Sample sites are
+not affected: they are re-drawn on every call and their names are what guides and predictions
+refer to, so they keep their plain names. :class:`UniqueParamNames` prefixes only the parameters.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable
+
+from pyro.nn import PyroModule
+from torch import nn
+
+_prefix_counter = itertools.count()
+_unique_classes: dict[type, type] = {}
+
+
+class UniqueParamNames:
+    """
+    Mixin for a :class:`~pyro.nn.PyroModule`: with ``self._param_prefix`` set, its parameters are
+    registered in Pyro's param store as ``<prefix>.<path>``; its sample sites keep ``<path>``.
+    """
+
+    def _pyro_get_fullname(self, name: str) -> str:
+        fullname = super()._pyro_get_fullname(name)
+        prefix = self.__dict__.get("_param_prefix")
+        if prefix is None or name in self.__dict__["_pyro_samples"]:
+            return fullname
+        return f"{prefix}.{fullname}"
+
+
+def _reduce_made_class(self: nn.Module) -> tuple:
+    """``__reduce__`` of a class made by :func:`unique_param_names_class`: pickle the recipe (the
+    base class's own one for ``PyroModule[Module]``, else the importable base class), not the
+    class made at run time."""
+    base = type(self).__bases__[1]
+    if "__reduce__" in vars(base):  # PyroModule[Module]: (factory, (Module,), state)
+        factory, args, state = base.__reduce__(self)[:3]
+    else:
+        factory, args, state = _empty_instance, (base,), self.__getstate__()
+    return _UniqueNew, (factory, args), state
+
+
+def _empty_instance(cls: type) -> nn.Module:
+    return cls.__new__(cls)
+
+
+class _UniqueNew:
+    """Unpickling helper: an empty object of the :class:`UniqueParamNames` subclass of the class
+    that ``factory(*args)`` instantiates."""
+
+    def __init__(self, factory: Callable[..., Any], args: tuple) -> None:
+        self.__class__ = unique_param_names_class(type(factory(*args)))
+
+
+def unique_param_names_class(cls: type) -> type:
+    """``cls`` with :class:`UniqueParamNames` mixed in (made once per class)."""
+    if issubclass(cls, UniqueParamNames):
+        return cls
+    if cls not in _unique_classes:
+        namespace = {"__module__": cls.__module__, "__reduce__": _reduce_made_class}
+        _unique_classes[cls] = type(cls.__name__, (UniqueParamNames, cls), namespace)
+    return _unique_classes[cls]
+
+
+def new_param_prefix(kind: str) -> str:
+    """A fresh prefix, ``<kind>_<k>`` with ``k`` counting up in this process."""
+    return f"{kind}_{next(_prefix_counter)}"
+
+
+def unique_param_names_(module: nn.Module, prefix: str) -> nn.Module:
+    """
+    In place: every :class:`~pyro.nn.PyroModule` in ``module`` (itself included) registers its
+    parameters in Pyro's param store under ``prefix``; its class becomes a subclass with
+    :class:`UniqueParamNames` mixed in. Returns ``module``.
+    """
+    for m in module.modules():
+        if isinstance(m, PyroModule):
+            m.__class__ = unique_param_names_class(type(m))
+            m._param_prefix = prefix
+    return module
