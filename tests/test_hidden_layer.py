@@ -70,19 +70,21 @@ def test_non_linearity_and_hidden_bias():
     assert (h[..., :-1] >= 0).all() and (h[..., -1] == 1).all()
 
 
-@pytest.mark.parametrize("estimator, sample_shape", [
-    ("local_reparameterization", ()),  # the fused training sampler, one draw per row
-    ("local_reparameterization", (100_000,)),
-    ("weight_space", (100_000,)),
-    ("flipout", (100_000,)),
+@pytest.mark.parametrize("estimator, sample_shape, H", [
+    ("local_reparameterization", (), 4),  # the fused training sampler, one draw per row
+    ("local_reparameterization", (20_000,), 4),
+    ("weight_space", (20_000,), 4),  # narrow: a zero weight column
+    ("weight_space", (20_000,), 128),  # wide: the matmul writes into the first H columns
+    ("flipout", (20_000,), 4),
 ])
-def test_without_autograd_bias_column_written_in_place_same_distribution(estimator, sample_shape):
-    # under no_grad the ones column is produced in place (zero weight column, then set to 1) and
-    # ReLU applied in place: the same distribution as with autograd. Closed forms per entry:
-    # identity -> N(mu, v); ReLU -> rectified Gaussian mean mu Phi(mu/s) + s phi(mu/s).
+def test_without_autograd_bias_column_written_in_place_same_distribution(estimator, sample_shape, H):
+    # under no_grad the ones column is produced in place (the pre-activations written into the
+    # first H columns, then set to 1) and ReLU applied in place: the same distribution as with
+    # autograd. Closed forms per entry: identity -> N(mu, v); ReLU -> rectified Gaussian mean
+    # mu Phi(mu/s) + s phi(mu/s).
     X0 = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.3, -1.0]])
-    X = X0.repeat(50_000, 1) if not sample_shape else X0
-    A_mean, A_scale = _layer_params()
+    X = X0.repeat(10_000, 1) if not sample_shape else X0
+    A_mean, A_scale = _layer_params(H=H)
     mu, var = X0 @ A_mean, (X0**2) @ A_scale**2
     sd = var.sqrt()
     std_normal = torch.distributions.Normal(0.0, 1.0)
@@ -91,9 +93,9 @@ def test_without_autograd_bias_column_written_in_place_same_distribution(estimat
         d = HiddenLayer(X, A_mean, A_scale, non_linearity=non_linearity, estimator=estimator)
         with torch.no_grad():
             h = d.rsample(sample_shape)
-        assert h.shape == torch.Size(sample_shape) + X.shape[:-1] + (5,)
+        assert h.shape == torch.Size(sample_shape) + X.shape[:-1] + (H + 1,)
         assert (h[..., -1] == 1).all()
-        h = h[..., :-1].reshape(-1, 2, 4)  # draws x the two distinct rows x H
+        h = h[..., :-1].reshape(-1, 2, H)  # draws x the two distinct rows x H
         n = h.size(0)
         assert ((h.mean(0) - expected_mean).abs() <= 5 * (var / n).sqrt()).all()
         if non_linearity is identity:

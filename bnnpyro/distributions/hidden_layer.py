@@ -22,6 +22,9 @@ from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 ESTIMATORS = ("local_reparameterization", "weight_space", "flipout")
 # non-linearities applied in place to fresh pre-activations when autograd is off
 _RELU = (F.relu, torch.relu)
+# from this width on, a matmul writes into the first H columns of the H + 1 wide output as fast as
+# into a contiguous one; below it, a zero weight column is cheaper (measured on CPU)
+_MIN_STRIDED_OUTPUT_WIDTH = 128
 # the outputs of every HiddenLayer draw (by identity, while they live): a later layer taking one
 # as its X need not check it for NaN again
 _ACTIVATIONS: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -334,66 +337,82 @@ class HiddenLayer(TorchDistribution):
         mean, std = self._pre_activation_mean_std()
         return mean, std**2
 
-    def _pre_activation_mean_std(
-        self, A_mean: Tensor | None = None, A_scale: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def _pre_activation_mean_std(self) -> tuple[Tensor, Tensor]:
         X = self._X_distinct
-        A_mean = self.A_mean if A_mean is None else A_mean
-        A_scale = self.A_scale if A_scale is None else A_scale
-        return X @ A_mean, _PreActivationStd.apply(X, A_scale)
+        return X @ self.A_mean, _PreActivationStd.apply(X, self.A_scale)
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
         sample_shape = torch.Size(sample_shape)
-        # Without autograd (prediction) the bias column is produced in place: the weights get a
-        # zero column, so the pre-activations come out ... x (H + 1) with a zero last column, which
-        # is set to 1 after the non-linearity, instead of concatenating a copy of the whole output.
-        bias_in_place = self.include_hidden_bias and not torch.is_grad_enabled()
-        A_mean, A_scale = self.A_mean, self.A_scale
-        if bias_in_place:
-            A_mean, A_scale = F.pad(A_mean, (0, 1)), F.pad(A_scale, (0, 1))
+        shape = sample_shape + self.batch_shape + (self.dim_H,)
+        # Without autograd (prediction: S x B x H activations) the bias column is not concatenated
+        # to the output, a copy of all of it: the pre-activations are written into the first H
+        # columns of the ... x (H + 1) output, the non-linearity applied there, the last column set
+        # to 1 (see _activate_in_place).
+        in_place = self.include_hidden_bias and not torch.is_grad_enabled() and len(self.batch_shape) > 0
         if self.estimator == "weight_space":
             # one weight matrix per replica of the network (all but the minibatch dim)
             lead = sample_shape + self.batch_shape[:-1]
-            eps = torch.randn(lead + A_mean.shape, dtype=self.X.dtype, device=self.X.device)
-            A = torch.addcmul(A_mean, eps, A_scale)
             X = self.X if self.batch_shape else self.X.unsqueeze(-2)
+            if in_place and self.dim_H < _MIN_STRIDED_OUTPUT_WIDTH:
+                # a narrow layer: the weights get a zero column, the matmul writes H + 1 columns
+                # (a matmul into a strided output is slow at this width)
+                A_mean, A_scale = F.pad(self.A_mean, (0, 1)), F.pad(self.A_scale, (0, 1))
+                eps = torch.randn(lead + A_mean.shape, dtype=X.dtype, device=X.device)
+                return self._activate_in_place(X @ torch.addcmul(A_mean, eps, A_scale))
+            eps = torch.randn(lead + self.A_mean.shape, dtype=X.dtype, device=X.device)
+            A = torch.addcmul(self.A_mean, eps, self.A_scale)
+            if in_place:
+                out = X.new_empty(shape[:-1] + (self.dim_H + 1,))
+                torch.matmul(X, A, out=out[..., :-1])
+                return self._activate_in_place(out)
             pre = X @ A
             if not self.batch_shape:
                 pre = pre.squeeze(-2)
         elif self.estimator == "flipout":
-            pre = self._flipout_pre_activations(sample_shape, A_mean, A_scale)
+            pre = self._flipout_pre_activations(sample_shape)
         elif not sample_shape and self._X_distinct.shape == self.X.shape:
             # the training case, one draw for the rows of X: one fused autograd node
-            eps = torch.randn(self.X.shape[:-1] + A_mean.shape[-1:], dtype=self.X.dtype, device=self.X.device)
-            pre = _LocalReparameterizationSample.apply(self.X, A_mean, A_scale, eps)
+            eps = torch.randn(shape, dtype=self.X.dtype, device=self.X.device)
+            pre = _LocalReparameterizationSample.apply(self.X, self.A_mean, self.A_scale, eps)
         else:
-            mean, std = self._pre_activation_mean_std(A_mean, A_scale)
-            shape = sample_shape + self.batch_shape + mean.shape[-1:]
+            mean, std = self._pre_activation_mean_std()
             eps = torch.randn(shape, dtype=mean.dtype, device=mean.device)
+            if in_place:
+                out = mean.new_empty(shape[:-1] + (self.dim_H + 1,))
+                torch.addcmul(mean, eps, std, out=out[..., :-1])
+                return self._activate_in_place(out)
             pre = torch.addcmul(mean, eps, std)
-        if bias_in_place:
-            out = pre.relu_() if self.non_linearity in _RELU else self.non_linearity(pre)
-            out[..., -1] = 1.0
-        else:
-            out = self.non_linearity(pre)
-            if self.include_hidden_bias:
-                out = torch.cat([out, out.new_ones(out.shape[:-1] + (1,))], dim=-1)
+        out = self.non_linearity(pre)
+        if self.include_hidden_bias:
+            out = torch.cat([out, out.new_ones(out.shape[:-1] + (1,))], dim=-1)
         _ACTIVATIONS[out] = True
         return out
 
-    def _flipout_pre_activations(self, sample_shape: torch.Size, A_mean: Tensor, A_scale: Tensor) -> Tensor:
+    def _activate_in_place(self, out: Tensor) -> Tensor:
+        """``out``: ``... x (H + 1)``, pre-activations in the first ``H`` columns. Applies the
+        non-linearity to them (ReLU in place) and sets the last column to 1 (no autograd)."""
+        pre = out[..., :-1]
+        if self.non_linearity in _RELU:
+            pre.relu_()
+        else:
+            pre.copy_(self.non_linearity(pre))
+        out[..., -1] = 1.0
+        _ACTIVATIONS[out] = True
+        return out
+
+    def _flipout_pre_activations(self, sample_shape: torch.Size) -> Tensor:
         """``X @ A_mean + ((X * s_in) @ dA) * s_out``: one ``dA`` per replica, signs per row."""
         X = self.X.expand(sample_shape + self.X.shape)
         lead = sample_shape + self.batch_shape[:-1]
-        dA = A_scale * torch.randn(lead + A_mean.shape, dtype=X.dtype, device=X.device)
+        dA = self.A_scale * torch.randn(lead + self.A_mean.shape, dtype=X.dtype, device=X.device)
         s_in = random_signs(X.shape, X)
-        s_out = random_signs(X.shape[:-1] + A_mean.shape[-1:], X)
+        s_out = random_signs(X.shape[:-1] + (self.dim_H,), X)
         Xs = X * s_in
         if not self.batch_shape:
             perturbation = (Xs.unsqueeze(-2) @ dA).squeeze(-2)
         else:
             perturbation = Xs @ dA
-        return torch.addcmul(self._X_distinct @ A_mean, perturbation, s_out)
+        return torch.addcmul(self._X_distinct @ self.A_mean, perturbation, s_out)
 
     def log_prob(self, value: Tensor) -> Tensor:
         """
