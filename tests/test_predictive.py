@@ -121,6 +121,22 @@ def test_chunked_equals_unchunked_distribution():
     assert ((a.mean(0) - b.mean(0)).abs() < 5 * se * 2**0.5 + 1e-6).all()
 
 
+@pytest.mark.parametrize("hidden", [(8,), (130, 6)])  # narrow layers; a layer wider than 128
+def test_weight_space_layers_are_one_network_across_chunks(hidden):
+    """Weight-space layers draw their S weight matrices on the first chunk and reuse them: with the
+    same seed, chunked and unchunked outputs are equal (each of the S networks is one function of
+    x, no jumps at chunk boundaries); a fresh call draws new networks."""
+    m = BayesianMLPRegressor(2, hidden=hidden, dataset_size=50)
+    x = torch.randn(50, 2)
+    outputs = []
+    for chunk_size in (None, 7, 50):
+        pyro.set_rng_seed(0)
+        outputs.append(sample_predictive(m.model, m.guide, x, 30, chunk_size=chunk_size, estimator="weight_space")["f"])
+    torch.testing.assert_close(outputs[1], outputs[0])
+    torch.testing.assert_close(outputs[2], outputs[0])
+    assert not torch.allclose(sample_predictive(m.model, m.guide, x, 30, chunk_size=7)["f"], outputs[0])
+
+
 def test_bad_arguments():
     m = BayesianMLPRegressor(2, dataset_size=10)
     with pytest.raises(ValueError, match="num_samples"):

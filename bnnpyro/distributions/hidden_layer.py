@@ -187,6 +187,10 @@ class HiddenLayer(TorchDistribution):
     The event shape is ``(H + 1,)`` with ``include_hidden_bias`` else ``(H,)``;
     the batch shape is ``X.shape[:-1]``.
 
+    ``weight_noise`` (attribute): with weight-space sampling, the standard normal noise
+    :math:`\varepsilon` of the last weight draw, ``replicas x D x H``; set it before
+    :meth:`rsample` to reuse a draw (the same networks on other inputs: common random numbers).
+
     References: Kingma, D. P., Salimans, T., Welling, M. (2015). Variational
     dropout and the local reparameterization trick. NeurIPS.
     Wen, Y., Vicol, P., Ba, J., Tran, D., Grosse, R. (2018). Flipout: efficient
@@ -261,6 +265,7 @@ class HiddenLayer(TorchDistribution):
         self.weight_space_sampling = estimator == "weight_space"
         self.dim_X = A_mean.size(0)
         self.dim_H = A_mean.size(1)
+        self.weight_noise: Tensor | None = None
         # share of the KL carried by each row of the minibatch
         self._kl_per_row = KL_factor / rows
 
@@ -313,6 +318,7 @@ class HiddenLayer(TorchDistribution):
             "dim_X",
             "dim_H",
             "_kl_per_row",
+            "weight_noise",
         ):
             setattr(new, attr, getattr(self, attr))
         super(HiddenLayer, new).__init__(batch_shape, self.event_shape, validate_args=False)
@@ -353,14 +359,14 @@ class HiddenLayer(TorchDistribution):
             # one weight matrix per replica of the network (all but the minibatch dim)
             lead = sample_shape + self.batch_shape[:-1]
             X = self.X if self.batch_shape else self.X.unsqueeze(-2)
+            eps = self.weight_noise
+            if eps is None or eps.shape != lead + self.A_mean.shape:
+                eps = self.weight_noise = torch.randn(lead + self.A_mean.shape, dtype=X.dtype, device=X.device)
+            A = torch.addcmul(self.A_mean, eps, self.A_scale)
             if in_place and self.dim_H < _MIN_STRIDED_OUTPUT_WIDTH:
                 # a narrow layer: the weights get a zero column, the matmul writes H + 1 columns
                 # (a matmul into a strided output is slow at this width)
-                A_mean, A_scale = F.pad(self.A_mean, (0, 1)), F.pad(self.A_scale, (0, 1))
-                eps = torch.randn(lead + A_mean.shape, dtype=X.dtype, device=X.device)
-                return self._activate_in_place(X @ torch.addcmul(A_mean, eps, A_scale))
-            eps = torch.randn(lead + self.A_mean.shape, dtype=X.dtype, device=X.device)
-            A = torch.addcmul(self.A_mean, eps, self.A_scale)
+                return self._activate_in_place(X @ F.pad(A, (0, 1)))
             if in_place:
                 out = X.new_empty(shape[:-1] + (self.dim_H + 1,))
                 torch.matmul(X, A, out=out[..., :-1])

@@ -34,11 +34,17 @@ class _LayerSampling(Messenger):
     ``"auto"`` uses local reparameterization for a layer whose input is shared by the samples
     and at least ``128`` wide, weight-space sampling otherwise (deeper layers, whose inputs
     differ per sample, and narrow inputs).
+
+    A weight-space layer's ``S`` weight draws are made on the first chunk of rows and reused on
+    the others (``weight_noise``, by site), so each of the ``S`` networks is one network across
+    all inputs, as for the global sites (and the draws are made once, not once per chunk). Use
+    one instance per pass over the inputs.
     """
 
     def __init__(self, estimator: str) -> None:
         super().__init__()
         self.estimator = estimator
+        self.weight_noise: dict[str, Tensor] = {}
 
     def _pyro_sample(self, msg: dict) -> None:
         fn = msg["fn"]
@@ -50,11 +56,16 @@ class _LayerSampling(Messenger):
         else:
             weight_space = self.estimator == "weight_space"
         estimator = "weight_space" if weight_space else "local_reparameterization"
-        if estimator != fn.estimator:
-            fn = fn.expand(fn.batch_shape)
-            fn.estimator = estimator
-            fn.weight_space_sampling = weight_space
-            msg["fn"] = fn
+        fn = fn.expand(fn.batch_shape)  # a copy: the guide's own layer is left as it is
+        fn.estimator = estimator
+        fn.weight_space_sampling = weight_space
+        fn.weight_noise = self.weight_noise.get(msg["name"]) if weight_space else None
+        msg["fn"] = fn
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        fn = msg["fn"]
+        if isinstance(fn, HiddenLayer) and fn.weight_space_sampling and fn.weight_noise is not None:
+            self.weight_noise.setdefault(msg["name"], fn.weight_noise)
 
 
 def _is_global(site: dict) -> bool:
@@ -90,9 +101,11 @@ def sample_predictive(
 
     With ``chunk_size``, ``x`` is processed ``chunk_size`` rows at a time to bound memory. The
     *global* latent sites (weights, outside every data plate) are drawn once on the first chunk
-    and replayed on the others, so all chunks see the same ``S`` networks; per-row sites
-    (the pre-activations of :class:`~bnnpyro.distributions.HiddenLayer` s) are drawn afresh for
-    each chunk, which leaves every input's predictive distribution exact.
+    and replayed on the others, so all chunks see the same ``S`` networks. So do the
+    :class:`~bnnpyro.distributions.HiddenLayer` s that sample their weights (their ``S`` weight
+    draws are made on the first chunk and reused); those that sample pre-activations (local
+    reparameterization) draw them per row, independent across inputs in any case. Every input's
+    predictive distribution is exact either way.
 
     :param x: ``N x D`` inputs.
     :param int num_samples: ``S``.
@@ -122,13 +135,11 @@ def sample_predictive(
     if estimator not in _ESTIMATORS:
         raise ValueError(f"estimator must be one of {_ESTIMATORS}, got {estimator!r}")
     chunks = x.split(chunk_size or max(len(x), 1))
-    if estimator is not None:
-        guide = _LayerSampling(estimator)(guide)
     with torch.no_grad():
         if vectorize:
             plate = pyro.plate(_PARTICLE_PLATE, num_samples, dim=-max_plate_nesting - 1)
             try:
-                f, extra = _predictive_pass(model, guide, chunks, plate, return_sites, kwargs)
+                f, extra = _predictive_pass(model, guide, chunks, plate, estimator, return_sites, kwargs)
             except RuntimeError as e:
                 raise RuntimeError(
                     f"{e}\n\nsample_predictive: the vectorized pass over {num_samples} weight draws failed. If "
@@ -141,7 +152,8 @@ def sample_predictive(
                 for name, value in extra.items()
             }
             return {"f": f.reshape((num_samples,) + f.shape[-2:]) if f.dim() >= 2 else f, **extra}
-        draws = [_predictive_pass(model, guide, chunks, None, return_sites, kwargs) for _ in range(num_samples)]
+        draws = [_predictive_pass(model, guide, chunks, None, estimator, return_sites, kwargs)
+                 for _ in range(num_samples)]
     result = {"f": torch.stack([f for f, _ in draws])}
     for name in return_sites:
         result[name] = torch.stack([extra[name] for _, extra in draws])
@@ -150,13 +162,16 @@ def sample_predictive(
 
 def _predictive_pass(
     model: Callable, guide: Callable, chunks: Sequence[Tensor], plate: pyro.plate | None,
-    return_sites: Sequence[str], kwargs: dict,
+    estimator: str | None, return_sites: Sequence[str], kwargs: dict,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """
     The model's output on all ``chunks`` (concatenated along the rows, dim -2) for one draw of the
     global sites, taken on the first chunk and replayed on the others; under ``plate`` (the particle
-    plate) the draw is ``S`` networks at once. Returns ``(f, {site: value})``.
+    plate) the draw is ``S`` networks at once. ``estimator``: how the guide's ``HiddenLayer`` s
+    sample (:class:`_LayerSampling`; ``None``: as they are). Returns ``(f, {site: value})``.
     """
+    if estimator is not None:
+        guide = _LayerSampling(estimator)(guide)  # one per pass: its weight draws are this pass's
     def wrap(fn: Callable) -> Callable:
         return fn if plate is None else plate(fn)
 
