@@ -60,6 +60,22 @@ def test_weight_space_sampling_shares_weights_across_rows():
     assert not torch.allclose(h[:, 2], h[:, 0] + h[:, 1])
 
 
+def test_weight_space_draws_afresh_unless_given_its_noise():
+    X = torch.randn(5, 3)
+    A_mean, A_scale = _layer_params()
+    d = HiddenLayer(X, A_mean, A_scale, identity, include_hidden_bias=False, estimator="weight_space")
+    a, b = d.rsample((4,)), d.rsample((4,))
+    assert not torch.allclose(a, b)  # a distribution: each rsample draws new weights
+    eps = d.drawn_weight_noise
+    assert eps.shape == (4, 3, 4)
+    torch.testing.assert_close(b, X @ (A_mean + eps * A_scale))  # the noise of the last draw
+    d.weight_noise = eps  # common random numbers: the same 4 networks on other inputs
+    other = HiddenLayer(2 * X, A_mean, A_scale, identity, include_hidden_bias=False, estimator="weight_space")
+    other.weight_noise = eps
+    torch.testing.assert_close(d.rsample((4,)), b)
+    torch.testing.assert_close(other.rsample((4,)), 2 * b)  # linear in X: the same weights
+
+
 def test_non_linearity_and_hidden_bias():
     X = torch.randn(6, 3)
     A_mean, A_scale = _layer_params()

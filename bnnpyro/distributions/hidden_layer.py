@@ -187,9 +187,10 @@ class HiddenLayer(TorchDistribution):
     The event shape is ``(H + 1,)`` with ``include_hidden_bias`` else ``(H,)``;
     the batch shape is ``X.shape[:-1]``.
 
-    ``weight_noise`` (attribute): with weight-space sampling, the standard normal noise
-    :math:`\varepsilon` of the last weight draw, ``replicas x D x H``; set it before
-    :meth:`rsample` to reuse a draw (the same networks on other inputs: common random numbers).
+    With weight-space sampling, :meth:`rsample` leaves the standard normal noise
+    :math:`\varepsilon` of its weight draw (``replicas x D x H``) in the attribute
+    ``drawn_weight_noise``; setting ``weight_noise`` to such a tensor makes later draws reuse it
+    (the same networks on other inputs: common random numbers) instead of drawing afresh.
 
     References: Kingma, D. P., Salimans, T., Welling, M. (2015). Variational
     dropout and the local reparameterization trick. NeurIPS.
@@ -266,6 +267,7 @@ class HiddenLayer(TorchDistribution):
         self.dim_X = A_mean.size(0)
         self.dim_H = A_mean.size(1)
         self.weight_noise: Tensor | None = None
+        self.drawn_weight_noise: Tensor | None = None
         # share of the KL carried by each row of the minibatch
         self._kl_per_row = KL_factor / rows
 
@@ -321,6 +323,7 @@ class HiddenLayer(TorchDistribution):
             "weight_noise",
         ):
             setattr(new, attr, getattr(self, attr))
+        new.drawn_weight_noise = None
         super(HiddenLayer, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -361,7 +364,8 @@ class HiddenLayer(TorchDistribution):
             X = self.X if self.batch_shape else self.X.unsqueeze(-2)
             eps = self.weight_noise
             if eps is None or eps.shape != lead + self.A_mean.shape:
-                eps = self.weight_noise = torch.randn(lead + self.A_mean.shape, dtype=X.dtype, device=X.device)
+                eps = torch.randn(lead + self.A_mean.shape, dtype=X.dtype, device=X.device)
+            self.drawn_weight_noise = eps
             A = torch.addcmul(self.A_mean, eps, self.A_scale)
             if in_place and self.dim_H < _MIN_STRIDED_OUTPUT_WIDTH:
                 # a narrow layer: the weights get a zero column, the matmul writes H + 1 columns

@@ -64,8 +64,8 @@ class _LayerSampling(Messenger):
 
     def _pyro_post_sample(self, msg: dict) -> None:
         fn = msg["fn"]
-        if isinstance(fn, HiddenLayer) and fn.weight_space_sampling and fn.weight_noise is not None:
-            self.weight_noise.setdefault(msg["name"], fn.weight_noise)
+        if isinstance(fn, HiddenLayer) and fn.weight_space_sampling and fn.drawn_weight_noise is not None:
+            self.weight_noise.setdefault(msg["name"], fn.drawn_weight_noise)
 
 
 def _is_global(site: dict) -> bool:
