@@ -25,6 +25,8 @@ _RELU = (F.relu, torch.relu)
 # from this width on, a matmul writes into the first H columns of the H + 1 wide output as fast as
 # into a contiguous one; below it, a zero weight column is cheaper (measured on CPU)
 _MIN_STRIDED_OUTPUT_WIDTH = 128
+# below this output width a batched matmul is faster transposed on CPU (see _replica_matmul)
+_MAX_NARROW_OUTPUT = 16
 # the outputs of every HiddenLayer draw (by identity, while they live): a later layer taking one
 # as its X need not check it for NaN again
 _ACTIVATIONS: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -33,6 +35,18 @@ _ACTIVATIONS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 def random_signs(shape: torch.Size, like: Tensor) -> Tensor:
     """Independent Rademacher signs (``+1`` or ``-1`` with probability 1/2) of ``like``'s dtype and device."""
     return torch.randint(0, 2, shape, device=like.device).to(like.dtype).mul_(2).sub_(1)
+
+
+def _replica_matmul(X: Tensor, A: Tensor) -> Tensor:
+    """
+    ``X @ A`` for ``... x B x D`` inputs and a stack of weight draws ``... x D x H``. With a
+    narrow output on CPU it is computed as ``(A^T @ X^T)^T``: the same batched GEMM with the long
+    dimension as its columns, 2x (``H`` = 10) to 6x (``H`` = 1) faster there (measured at
+    ``100 x 655`` rows); the result is a transposed view.
+    """
+    if A.size(-1) < _MAX_NARROW_OUTPUT and X.dim() >= 3 and X.device.type == "cpu":
+        return (A.transpose(-1, -2) @ X.transpose(-1, -2)).transpose(-1, -2)
+    return X @ A
 
 
 class _PreActivationStd(torch.autograd.Function):
@@ -370,12 +384,12 @@ class HiddenLayer(TorchDistribution):
             if in_place and self.dim_H < _MIN_STRIDED_OUTPUT_WIDTH:
                 # a narrow layer: the weights get a zero column, the matmul writes H + 1 columns
                 # (a matmul into a strided output is slow at this width)
-                return self._activate_in_place(X @ F.pad(A, (0, 1)))
+                return self._activate_in_place(_replica_matmul(X, F.pad(A, (0, 1))))
             if in_place:
                 out = X.new_empty(shape[:-1] + (self.dim_H + 1,))
                 torch.matmul(X, A, out=out[..., :-1])
                 return self._activate_in_place(out)
-            pre = X @ A
+            pre = _replica_matmul(X, A)
             if not self.batch_shape:
                 pre = pre.squeeze(-2)
         elif self.estimator == "flipout":
