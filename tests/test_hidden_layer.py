@@ -76,20 +76,20 @@ def test_weight_space_draws_afresh_unless_given_its_noise():
     torch.testing.assert_close(other.rsample((4,)), 2 * b)  # linear in X: the same weights
 
 
-@pytest.mark.parametrize("H", [1, 4, 20])
-def test_weight_space_with_replicas_values_and_gradients(H):
-    # X with a replica dim (e.g. vectorized particles): one weight draw per replica; narrow outputs
+@pytest.mark.parametrize("D, H", [(3, 1), (20, 4), (3, 20), (20, 20)])
+def test_weight_space_with_replicas_values_and_gradients(D, H):
+    # X with a replica dim (e.g. vectorized particles): one weight draw per replica; narrow layers
     # take the transposed batched matmul. Value X_r @ (M + eps_r * s), gradient d sum / dM = sum_r,n x_rn
-    X = torch.randn(4, 5, 3)
-    A_mean, A_scale = _layer_params(H=H)
+    X = torch.randn(4, 5, D)
+    A_mean, A_scale = _layer_params(D=D, H=H)
     A_mean.requires_grad_(True)
     d = HiddenLayer(X, A_mean, A_scale, identity, include_hidden_bias=False, estimator="weight_space")
     out = d.rsample()
     eps = d.drawn_weight_noise
-    assert out.shape == (4, 5, H) and eps.shape == (4, 3, H)
+    assert out.shape == (4, 5, H) and eps.shape == (4, D, H)
     torch.testing.assert_close(out, X @ (A_mean + eps * A_scale))
     out.sum().backward()
-    torch.testing.assert_close(A_mean.grad, X.sum((0, 1)).unsqueeze(-1).expand(3, H))
+    torch.testing.assert_close(A_mean.grad, X.sum((0, 1)).unsqueeze(-1).expand(D, H))
 
 
 def test_non_linearity_and_hidden_bias():

@@ -25,7 +25,7 @@ _RELU = (F.relu, torch.relu)
 # from this width on, a matmul writes into the first H columns of the H + 1 wide output as fast as
 # into a contiguous one; below it, a zero weight column is cheaper (measured on CPU)
 _MIN_STRIDED_OUTPUT_WIDTH = 128
-# below this output width a batched matmul is faster transposed on CPU (see _replica_matmul)
+# below this output (or input) width a batched matmul is faster transposed on CPU (see _replica_matmul)
 _MAX_NARROW_OUTPUT = 16
 # the outputs of every HiddenLayer draw (by identity, while they live): a later layer taking one
 # as its X need not check it for NaN again
@@ -39,12 +39,14 @@ def random_signs(shape: torch.Size, like: Tensor) -> Tensor:
 
 def _replica_matmul(X: Tensor, A: Tensor) -> Tensor:
     """
-    ``X @ A`` for ``... x B x D`` inputs and a stack of weight draws ``... x D x H``. With a
-    narrow output on CPU it is computed as ``(A^T @ X^T)^T``: the same batched GEMM with the long
-    dimension as its columns, 2x (``H`` = 10) to 6x (``H`` = 1) faster there (measured at
-    ``100 x 655`` rows); the result is a transposed view.
+    ``X @ A`` for ``... x B x D`` inputs and a stack of weight draws ``... x D x H``. When ``H`` or
+    ``D`` is below 16 it is computed on CPU as ``(A^T @ X^T)^T``: the same batched GEMMs with the
+    ``B`` rows as their long dimension, 2x (``H`` = 10) to 6x (``H`` = 1) faster there (measured
+    at ``100 x 655`` rows; with ``D`` = 14 the whole predictive pass of a 13-50-1 network ~10%
+    faster, its next layer reading the transposed output contiguously). Wide layers keep
+    ``X @ A`` (transposed, 400 x 400 was 8% slower). The result may be a transposed view.
     """
-    if A.size(-1) < _MAX_NARROW_OUTPUT and X.dim() >= 3 and X.device.type == "cpu":
+    if min(A.size(-1), A.size(-2)) < _MAX_NARROW_OUTPUT and X.dim() >= 3 and X.device.type == "cpu":
         return (A.transpose(-1, -2) @ X.transpose(-1, -2)).transpose(-1, -2)
     return X @ A
 
