@@ -137,6 +137,30 @@ def test_weight_space_layers_are_one_network_across_chunks(hidden):
     assert not torch.allclose(sample_predictive(m.model, m.guide, x, 30, chunk_size=7)["f"], outputs[0])
 
 
+def test_returned_hidden_activations_are_not_overwritten_by_later_chunks():
+    """A layer's output storage is handed on from chunk to chunk, except when the model returns
+    it: a model whose output f is a hidden layer's activations (ones column included) gives the
+    same values chunked and unchunked."""
+    from bnnpyro.distributions import HiddenLayer
+
+    A_mean, A_scale = torch.randn(3, 4), torch.full((3, 4), 0.5)
+
+    def model(x, y=None):
+        with pyro.plate("data", len(x)):
+            return pyro.sample("h", HiddenLayer(x, A_mean, A_scale, KL_factor=0.0))
+
+    def guide(x, y=None):
+        return model(x)
+
+    x = torch.randn(20, 3)
+    outputs = []
+    for chunk_size in (None, 6):
+        pyro.set_rng_seed(0)
+        outputs.append(sample_predictive(model, guide, x, 8, chunk_size=chunk_size, estimator="weight_space")["f"])
+    assert outputs[0].shape == (8, 20, 5)
+    torch.testing.assert_close(outputs[1], outputs[0])
+
+
 def test_bad_arguments():
     m = BayesianMLPRegressor(2, dataset_size=10)
     with pytest.raises(ValueError, match="num_samples"):

@@ -37,7 +37,7 @@ def random_signs(shape: torch.Size, like: Tensor) -> Tensor:
     return torch.randint(0, 2, shape, device=like.device).to(like.dtype).mul_(2).sub_(1)
 
 
-def _replica_matmul(X: Tensor, A: Tensor) -> Tensor:
+def _replica_matmul(X: Tensor, A: Tensor, storage: Callable[[torch.Size], Tensor] | None = None) -> Tensor:
     """
     ``X @ A`` for ``... x B x D`` inputs and a stack of weight draws ``... x D x H``. When ``H`` or
     ``D`` is below 16 it is computed on CPU as ``(A^T @ X^T)^T``: the same batched GEMMs with the
@@ -45,10 +45,17 @@ def _replica_matmul(X: Tensor, A: Tensor) -> Tensor:
     at ``100 x 655`` rows; with ``D`` = 14 the whole predictive pass of a 13-50-1 network ~10%
     faster, its next layer reading the transposed output contiguously). Wide layers keep
     ``X @ A`` (transposed, 400 x 400 was 8% slower). The result may be a transposed view.
+    ``storage(shape)``, if given, supplies the tensor the product is written to (no autograd).
     """
-    if min(A.size(-1), A.size(-2)) < _MAX_NARROW_OUTPUT and X.dim() >= 3 and X.device.type == "cpu":
-        return (A.transpose(-1, -2) @ X.transpose(-1, -2)).transpose(-1, -2)
-    return X @ A
+    transposed = min(A.size(-1), A.size(-2)) < _MAX_NARROW_OUTPUT and X.dim() >= 3 and X.device.type == "cpu"
+    if transposed:
+        X, A = A.transpose(-1, -2), X.transpose(-1, -2)
+    if storage is None:
+        out = X @ A
+    else:
+        out = storage(broadcast_shapes(X.shape[:-2], A.shape[:-2]) + (X.size(-2), A.size(-1)))
+        torch.matmul(X, A, out=out)
+    return out.transpose(-1, -2) if transposed else out
 
 
 class _PreActivationStd(torch.autograd.Function):
@@ -207,6 +214,11 @@ class HiddenLayer(TorchDistribution):
     :math:`\varepsilon` of its weight draw (``replicas x D x H``) in the attribute
     ``drawn_weight_noise``; setting ``weight_noise`` to such a tensor makes later draws reuse it
     (the same networks on other inputs: common random numbers) instead of drawing afresh.
+    Likewise a draw made without autograd writes its output into a new tensor left in
+    ``drawn_output_storage``, or into ``output_buffer`` if that is set and has the needed shape
+    (the tensor is then overwritten: for a caller that no longer needs the previous output, such
+    as :func:`~bnnpyro.predict.sample_predictive` going from one chunk of rows to the next; a
+    fresh tensor of tens of MB costs its page faults on every call on CPU).
 
     References: Kingma, D. P., Salimans, T., Welling, M. (2015). Variational
     dropout and the local reparameterization trick. NeurIPS.
@@ -284,6 +296,8 @@ class HiddenLayer(TorchDistribution):
         self.dim_H = A_mean.size(1)
         self.weight_noise: Tensor | None = None
         self.drawn_weight_noise: Tensor | None = None
+        self.output_buffer: Tensor | None = None
+        self.drawn_output_storage: Tensor | None = None
         # share of the KL carried by each row of the minibatch
         self._kl_per_row = KL_factor / rows
 
@@ -337,9 +351,10 @@ class HiddenLayer(TorchDistribution):
             "dim_H",
             "_kl_per_row",
             "weight_noise",
+            "output_buffer",
         ):
             setattr(new, attr, getattr(self, attr))
-        new.drawn_weight_noise = None
+        new.drawn_weight_noise = new.drawn_output_storage = None
         super(HiddenLayer, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -386,9 +401,9 @@ class HiddenLayer(TorchDistribution):
             if in_place and self.dim_H < _MIN_STRIDED_OUTPUT_WIDTH:
                 # a narrow layer: the weights get a zero column, the matmul writes H + 1 columns
                 # (a matmul into a strided output is slow at this width)
-                return self._activate_in_place(_replica_matmul(X, F.pad(A, (0, 1))))
+                return self._activate_in_place(_replica_matmul(X, F.pad(A, (0, 1)), self._output_storage))
             if in_place:
-                out = X.new_empty(shape[:-1] + (self.dim_H + 1,))
+                out = self._output_storage(shape[:-1] + (self.dim_H + 1,))
                 torch.matmul(X, A, out=out[..., :-1])
                 return self._activate_in_place(out)
             pre = _replica_matmul(X, A)
@@ -404,7 +419,7 @@ class HiddenLayer(TorchDistribution):
             mean, std = self._pre_activation_mean_std()
             eps = torch.randn(shape, dtype=mean.dtype, device=mean.device)
             if in_place:
-                out = mean.new_empty(shape[:-1] + (self.dim_H + 1,))
+                out = self._output_storage(shape[:-1] + (self.dim_H + 1,))
                 torch.addcmul(mean, eps, std, out=out[..., :-1])
                 return self._activate_in_place(out)
             pre = torch.addcmul(mean, eps, std)
@@ -413,6 +428,16 @@ class HiddenLayer(TorchDistribution):
             out = torch.cat([out, out.new_ones(out.shape[:-1] + (1,))], dim=-1)
         _ACTIVATIONS[out] = True
         return out
+
+    def _output_storage(self, shape: torch.Size) -> Tensor:
+        """An uninitialised tensor of ``shape`` for a draw without autograd: ``output_buffer`` if it
+        fits (then overwritten), else a new one; it is left in ``drawn_output_storage``."""
+        buffer = self.output_buffer
+        fits = (buffer is not None and buffer.shape == shape and buffer.dtype == self.A_mean.dtype
+                and buffer.device == self.A_mean.device)
+        storage = buffer if fits else self.A_mean.new_empty(shape)
+        self.drawn_output_storage = storage
+        return storage
 
     def _activate_in_place(self, out: Tensor) -> Tensor:
         """``out``: ``... x (H + 1)``, pre-activations in the first ``H`` columns. Applies the
