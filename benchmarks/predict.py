@@ -14,7 +14,8 @@ in one run (interleaved, median of repeats), with peak memory:
   reparameterization in every layer), what a hand-written prediction loop over the guide does;
 * ``Predictive``: ``pyro.infer.Predictive(model, guide=guide, num_samples=S, parallel=False)``.
 
-Usage: ``python benchmarks/predict.py [--num-samples 100] [--inputs 10000] [--chunk-size 500 1000]``
+Usage: ``python benchmarks/predict.py [--num-samples 100] [--inputs 10000] [--chunk-size 500 1000]
+[--models regressor classifier] [--repeats 3]``
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main() -> None:
                         help="rows per vectorized pass for the regressor and the classifier "
                              "(0: sample_predictive's default, 65536 // S rows)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", nargs="+", choices=["regressor", "classifier"], default=["regressor", "classifier"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/predict.json")
     args = parser.parse_args()
@@ -49,6 +51,7 @@ def main() -> None:
         "784-400-400-10 classifier": (BayesianMLPClassifier(784, 10, hidden=(400, 400), dataset_size=B),
                                       784, args.chunk_size[1]),
     }
+    models = {label: spec for label, spec in models.items() if label.split()[-1] in args.models}
     rows = []
     for label, (m, d, chunk) in models.items():
         pyro.clear_param_store()

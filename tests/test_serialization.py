@@ -3,6 +3,7 @@
 import pyro
 import pytest
 import torch
+from pyro import poutine
 from pyro.infer import SVI, TraceMeanField_ELBO
 
 import bnnpyro
@@ -100,8 +101,16 @@ def test_autoguide_round_trip(tmp_path, guide_name):
     pyro.set_rng_seed(3)
     ref = sample_predictive(net, guide, x, 10)["f"]
     bnnpyro.save(tmp_path / "g.pt", net, guide)
-    pyro.clear_param_store()  # PyroModule parameters (the noise scale) live in the param store
+    saved_sigma = net.sigma.item()
+    # the original keeps training in the same process (its noise scale moves in Pyro's param store)
+    fit(net, guide, (x, 3 * x.sum(-1)), epochs=10, seed=1, progress=False)
+    assert net.sigma.item() != pytest.approx(saved_sigma)
     net2, guide2 = bnnpyro.load(tmp_path / "g.pt")
     assert type(guide2) is cls and net2.config == net.config
     pyro.set_rng_seed(3)
     torch.testing.assert_close(sample_predictive(net2, guide2, x, 10)["f"], ref, rtol=0, atol=0)
+    # the loaded model's noise scale is the saved one, under a param-store name of its own
+    assert net2.sigma.item() == pytest.approx(saved_sigma)
+    poutine.trace(net2).get_trace(x, x.sum(-1))
+    assert pyro.param(f"{net2._param_prefix}.sigma").item() == pytest.approx(saved_sigma)
+    assert net.sigma.item() != pytest.approx(saved_sigma)
