@@ -188,6 +188,7 @@ def _predictive_pass(
     sampling = None if estimator is None else _LayerSampling(estimator)
     if sampling is not None:
         guide = sampling(guide)  # one per pass: its weight draws are this pass's
+
     def wrap(fn: Callable) -> Callable:
         return fn if plate is None else plate(fn)
 
@@ -205,10 +206,12 @@ def _predictive_pass(
                 if name not in guide_trace.nodes:
                     raise ValueError(f"return_sites: {name!r} is not a site of the guide")
                 extra[name] = guide_trace.nodes[name]["value"]
+            kept = [*global_values.values(), *extra.values()]
         f = poutine.replay(wrap(model), trace=guide_trace)(chunk, **kwargs)
         if not torch.is_tensor(f):
             raise TypeError("the model must return the network output f as a tensor")
         if sampling is not None:
-            sampling.release(f)
+            for value in (*kept, f):  # kept beyond this chunk: its storage is not handed on
+                sampling.release(value)
         outputs.append(f)
     return torch.cat(outputs, dim=-2), extra
