@@ -12,7 +12,7 @@ from torch.distributions.kl import register_kl
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bnnpyro.distributions._shapes import broadcast_shapes
-from bnnpyro.distributions.kl import constant_value, is_zero, normal_kl_sum, sum_event, sum_squares
+from bnnpyro.distributions.kl import constant_value, normal_kl_sum, sum_event, sum_squares
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 # the draws of every FactorizedNormal (by identity, while they live): real wherever their loc and
@@ -140,11 +140,11 @@ class FactorizedNormal(TorchDistribution):
             squares = sum_squares(self._noise[1], k)
             log_p = -0.5 * squares - self._sum_log_scale()
         elif self._num_scalar:
+            # a fixed prior's loc and scale as Python numbers (None if learned or on an accelerator)
             loc, scale = constant_value(self.loc), constant_value(self.scale)
-            if loc is None or scale is None:
-                loc, scale = self.loc.reshape(()), self.scale.reshape(())
-            squares = sum_squares(value if is_zero(loc) else value - loc, k)
-            log_p = squares * (-0.5 / scale**2) - self._sum_log_scale()
+            centred = value if loc == 0 else value - (self.loc.reshape(()) if loc is None else loc)
+            scale = self.scale.reshape(()) if scale is None else scale
+            log_p = sum_squares(centred, k) * (-0.5 / scale**2) - self._sum_log_scale()
         else:
             z = (value - self.loc) / self.scale
             log_p = -0.5 * sum_squares(z, k) - self._sum_log_scale()

@@ -65,15 +65,6 @@ def sum_event(t: Tensor, event_dim: int) -> Tensor:
     return t.sum(tuple(range(-event_dim, 0))) if event_dim else t
 
 
-def is_zero(t: Tensor | float) -> bool:
-    """Whether the number or one-element ``t`` is a constant 0 (then ``x - t`` can be skipped: one
-    pass fewer). Only asked of CPU tensors: on an accelerator the answer would cost a device
-    synchronisation."""
-    if isinstance(t, Number):
-        return t == 0
-    return t.device.type == "cpu" and not t.requires_grad and bool(t == 0)
-
-
 def _scalar_if_broadcast(t: Tensor | float) -> Tensor | float:
     """A tensor expanded from one element (all strides 0) back to that element, a 0-d view."""
     if torch.is_tensor(t) and t.numel() > 1 and all(stride == 0 for stride in t.stride()):
