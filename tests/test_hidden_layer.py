@@ -136,6 +136,28 @@ def test_without_autograd_bias_column_written_in_place_same_distribution(estimat
             assert (h >= 0).all()
 
 
+@pytest.mark.parametrize("H", [4, 128])  # a zero weight column; writing into the first H columns
+def test_without_autograd_output_written_into_a_given_buffer_with_room(H):
+    # output_buffer with at least as many elements is used: the draw is written into its first
+    # elements (the values those of a fresh draw with the same noise) and the whole buffer is
+    # handed back; one without room is left alone and a new tensor drawn
+    X = torch.randn(3, 5, 3)  # 3 replicas x 5 rows
+    A_mean, A_scale = _layer_params(H=H)
+    d = HiddenLayer(X, A_mean, A_scale, estimator="weight_space")
+    with torch.no_grad():
+        fresh = d.rsample()
+        buffer = torch.full((2 * fresh.numel(),), float("nan"))
+        d.weight_noise, d.output_buffer = d.drawn_weight_noise, buffer
+        h = d.rsample()
+        assert d.drawn_output_storage is buffer
+        assert h.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        torch.testing.assert_close(h, fresh)
+        small = torch.empty(fresh.numel() - 1)
+        d.output_buffer = small
+        torch.testing.assert_close(d.rsample(), fresh)
+        assert d.drawn_output_storage is not small and d.drawn_output_storage.numel() == fresh.numel()
+
+
 # ---------------------------------------------------------------- 2. folded KL
 
 

@@ -1,5 +1,7 @@
 """Vectorized posterior predictive equals the looped one, given the same random draws."""
 
+import math
+
 import pyro
 import pytest
 import torch
@@ -135,6 +137,38 @@ def test_weight_space_layers_are_one_network_across_chunks(hidden):
     torch.testing.assert_close(outputs[1], outputs[0])
     torch.testing.assert_close(outputs[2], outputs[0])
     assert not torch.allclose(sample_predictive(m.model, m.guide, x, 30, chunk_size=7)["f"], outputs[0])
+
+
+@pytest.mark.parametrize("hidden", [(20,), (300,)])
+def test_auto_chunks_grow_to_the_activation_budget(hidden):
+    """chunk_size="auto": a short first pass, then the other rows in equal chunks of
+    max(65536 // S, budget // widest output per row) rows; same networks as one pass."""
+    from bnnpyro.predict import predictive
+
+    m = BayesianMLPRegressor(2, hidden=hidden, dataset_size=50)
+    rows = []
+
+    def model(x, y=None):
+        rows.append(len(x))
+        return m.model(x, y)
+
+    S, N = 100, 3000
+    x = torch.randn(N, 2)
+    pyro.set_rng_seed(0)
+    f = sample_predictive(model, m.guide, x, S, estimator="weight_space")["f"]
+    probe = predictive._AUTO_CHUNK_PROBE_ROWS
+    per_row = S * (hidden[0] + 1)  # the widest HiddenLayer output: the hidden one, ones column included
+    grow_to = max(predictive._AUTO_CHUNK_ELEMENTS // S, predictive._AUTO_CHUNK_ACTIVATION_ELEMENTS // per_row)
+    passes = math.ceil((N - probe) / grow_to)
+    assert rows[0] == probe and len(rows) == 1 + passes and sum(rows) == N
+    assert set(rows[1:-1]) <= {math.ceil((N - probe) / passes)}
+    if hidden == (20,):
+        assert rows[1] > predictive._AUTO_CHUNK_ELEMENTS // S  # a narrow network: longer chunks
+    pyro.set_rng_seed(0)
+    torch.testing.assert_close(f, sample_predictive(m.model, m.guide, x, S, chunk_size=None, estimator="weight_space")["f"])
+    rows.clear()
+    sample_predictive(model, m.guide, x[:100], S)  # fits the first chunk: one pass
+    assert rows == [100]
 
 
 def test_returned_hidden_activations_are_not_overwritten_by_later_chunks():

@@ -215,10 +215,12 @@ class HiddenLayer(TorchDistribution):
     ``drawn_weight_noise``; setting ``weight_noise`` to such a tensor makes later draws reuse it
     (the same networks on other inputs: common random numbers) instead of drawing afresh.
     Likewise a draw made without autograd writes its output into a new tensor left in
-    ``drawn_output_storage``, or into ``output_buffer`` if that is set and has the needed shape
-    (the tensor is then overwritten: for a caller that no longer needs the previous output, such
-    as :func:`~bnnpyro.predict.sample_predictive` going from one chunk of rows to the next; a
-    fresh tensor of tens of MB costs its page faults on every call on CPU).
+    ``drawn_output_storage``, or into ``output_buffer`` if that is set and has room for it (a
+    contiguous tensor with at least as many elements, of the same dtype and device: its memory is
+    then overwritten and it is handed back as ``drawn_output_storage``). This is for a caller that
+    no longer needs the previous output, such as :func:`~bnnpyro.predict.sample_predictive` going
+    from one chunk of rows to the next: a fresh tensor of tens of MB costs its page faults on
+    every call on CPU.
 
     References: Kingma, D. P., Salimans, T., Welling, M. (2015). Variational
     dropout and the local reparameterization trick. NeurIPS.
@@ -430,14 +432,16 @@ class HiddenLayer(TorchDistribution):
         return out
 
     def _output_storage(self, shape: torch.Size) -> Tensor:
-        """An uninitialised tensor of ``shape`` for a draw without autograd: ``output_buffer`` if it
-        fits (then overwritten), else a new one; it is left in ``drawn_output_storage``."""
+        """An uninitialised tensor of ``shape`` for a draw without autograd: the first elements of
+        ``output_buffer`` if it has room (then overwritten), else a new one; the whole buffer (or
+        the new tensor) is left in ``drawn_output_storage``."""
         buffer = self.output_buffer
-        fits = (buffer is not None and buffer.shape == shape and buffer.dtype == self.A_mean.dtype
-                and buffer.device == self.A_mean.device)
-        storage = buffer if fits else self.A_mean.new_empty(shape)
-        self.drawn_output_storage = storage
-        return storage
+        fits = (buffer is not None and buffer.numel() >= shape.numel() and buffer.is_contiguous()
+                and buffer.dtype == self.A_mean.dtype and buffer.device == self.A_mean.device)
+        if not fits:
+            buffer = self.A_mean.new_empty(shape)
+        self.drawn_output_storage = buffer
+        return buffer.view(-1)[: shape.numel()].view(shape)
 
     def _activate_in_place(self, out: Tensor) -> Tensor:
         """``out``: ``... x (H + 1)``, pre-activations in the first ``H`` columns. Applies the
