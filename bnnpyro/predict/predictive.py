@@ -22,7 +22,7 @@ _MIN_LOCAL_REPARAMETERIZATION_WIDTH = 128
 # HiddenLayer output (S x rows x width) the later passes may grow to: a narrow network takes more
 # rows per pass, so the fixed per-pass cost of Pyro (about 1 ms) is paid fewer times
 _AUTO_CHUNK_ELEMENTS = 65536
-_AUTO_CHUNK_ACTIVATION_ELEMENTS = 12_000_000
+_AUTO_CHUNK_ACTIVATION_ELEMENTS = 8_000_000
 _AUTO_CHUNK_PROBE_ROWS = 16
 
 
