@@ -11,8 +11,6 @@ import statistics
 import time
 from typing import Callable
 
-
-
 _M_MMAP_THRESHOLD = -3
 
 
@@ -22,17 +20,19 @@ def _status_mib(key: str) -> float:
 
 
 def peak_memory_mib(fn: Callable[[], object]) -> float:
-    """Peak resident memory added by one call of ``fn()``, in MiB (Linux).
+    """Peak resident memory added by one call of ``fn()``, in MiB (Linux, glibc).
 
-    Resets the process's peak RSS (``/proc/self/clear_refs``), calls ``fn``, and returns the new
-    peak (``VmHWM``) minus the RSS before the call. Run ``fn`` once beforehand so that lazy
-    initialisation is not counted. Large tensors are ``mmap``-ed and returned to the OS when freed,
-    so this tracks live tensor memory to within a few MiB.
+    Serves every allocation of 4 KiB or more by ``mmap`` from then on (returned to the OS when
+    freed, so that the peak tracks live tensors to within a few MiB instead of reused heap memory),
+    returns the heap's free memory to the OS (``malloc_trim``), resets the process's peak RSS
+    (``/proc/self/clear_refs``), calls ``fn``, and returns the new peak (``VmHWM``) minus the RSS
+    before the call. Run ``fn`` once beforehand so that lazy initialisation is not counted. The
+    allocator setting slows every later allocation (page faults): take all timings first.
     """
-    # serve every allocation of 4 KiB or more by mmap (returned to the OS on free), so that reuse of
-    # freed heap memory does not hide small tensors; this slows allocation, so timings come first
-    ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 4096)
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(_M_MMAP_THRESHOLD, 4096)
     gc.collect()
+    libc.malloc_trim(0)
     base = _status_mib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
