@@ -135,9 +135,8 @@ def sample_predictive(
         rows go in equal passes of at most ``max(65536 // S, 8e6 // (S x widest))`` rows, so that
         the widest ``S x rows x width`` output stays near ``8 * 10^6`` elements (32 MB in float32)
         when the network is narrow. Each pass costs about 1 ms of Pyro besides its arithmetic; at
-        ``S = 100`` over 10,000 rows a 13-50-1 network takes 1,427-row passes (1.2-1.4x faster
-        than 655-row ones, which were 1.3x faster than one pass), a 784-400-400-10 one 624-row
-        passes.
+        ``S = 100`` over 10,000 rows a 13-50-1 network takes 1,427-row passes (1.1-1.4x faster
+        than 655-row ones), a 784-400-400-10 one 624-row passes.
     :param int max_plate_nesting: plates the model nests (1 for the catalogue models).
     :param estimator: how :class:`~bnnpyro.distributions.HiddenLayer` sites sample:
         ``"auto"`` (default) picks per layer the cheaper of local reparameterization and
