@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 from typing import Any
 
@@ -11,10 +10,11 @@ import torch
 from pyro.infer import autoguide as pyro_autoguide
 from torch import nn
 
+from bnnpyro.nn.param_names import new_param_prefix
+
 FORMAT_VERSION = 1
 _MAGIC = "bnnpyro-checkpoint"
 _GUIDE_CLASSES = ("AnalyticAutoNormal", "AutoNormal", "AutoDiagonalNormal", "AutoLowRankMultivariateNormal")
-_guide_counter = itertools.count()
 
 
 def _model_classes() -> dict[str, type]:
@@ -46,7 +46,7 @@ def make_unique(guide: nn.Module) -> nn.Module:
     guides with the same site names can live in one process without sharing parameters."""
     if getattr(guide, "prototype_trace", None) is not None:
         raise ValueError("make_unique must be called before the guide is first run")
-    guide._pyro_name = f"{type(guide).__name__}_{next(_guide_counter)}"
+    guide._pyro_name = new_param_prefix(type(guide).__name__)
     return guide
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from contextlib import ExitStack
 
 import pyro
@@ -12,9 +11,9 @@ from pyro.infer.autoguide import AutoNormal
 from torch.distributions import biject_to, constraints
 
 from bnnpyro.distributions import FactorizedNormal
+from bnnpyro.nn.param_names import new_param_prefix
 
 
-_instance_counter = itertools.count()
 
 
 def _is_real(support) -> bool:
@@ -41,7 +40,7 @@ class AnalyticAutoNormal(AutoNormal):
 
     def __init__(self, model, **kwargs) -> None:
         super().__init__(model, **kwargs)
-        self._pyro_name = f"{type(self).__name__}_{next(_instance_counter)}"
+        self._pyro_name = new_param_prefix(type(self).__name__)
 
     def forward(self, *args, **kwargs):
         if self.prototype_trace is None:

@@ -29,7 +29,6 @@ to document recognition. Proc. IEEE.
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Sequence
 
@@ -43,10 +42,10 @@ from bnnpyro._checks import check_class_labels, positive_int
 from bnnpyro.distributions import ConvLayer, HiddenLayer, normal_kl_sum
 from bnnpyro.distributions.hidden_layer import ESTIMATORS
 from bnnpyro.nn.activations import identity, inverse_softplus
+from bnnpyro.nn.param_names import new_param_prefix
 
 __all__ = ["BayesianCNNClassifier"]
 
-_instance_counter = itertools.count()
 
 
 
@@ -163,7 +162,7 @@ class BayesianCNNClassifier(nn.Module):
             "hidden": list(hidden), "prior_scale": prior_scale, "init_scale": init_scale,
             "estimator": estimator,
         }
-        self._pyro_name = f"{type(self).__name__}_{next(_instance_counter)}"
+        self._pyro_name = new_param_prefix(type(self).__name__)
 
     @property
     def num_conv(self) -> int:

@@ -47,7 +47,6 @@ arXiv:1704.02798.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from typing import Mapping
 
@@ -65,11 +64,11 @@ from bnnpyro.distributions import FactorizedNormal, HiddenLayer, Prior
 from bnnpyro.nn import BayesianEmbedding, BayesianLSTM, lstm_forward
 from bnnpyro.nn.activations import identity, inverse_softplus
 from bnnpyro.nn.lstm import LSTMState, lstm_flipout_forward
+from bnnpyro.nn.param_names import new_param_prefix
 from bnnpyro.predict.metrics import mutual_information, predictive_entropy
 
 __all__ = ["BayesianLSTMClassifier", "BayesianLSTMLanguageModel"]
 
-_instance_counter = itertools.count()
 ESTIMATORS: tuple[str, ...] = ("weight_space", "flipout")
 OUTPUT_ESTIMATORS: tuple[str, ...] = ("weight_space", "local_reparameterization")
 OUTPUT_SITE = "output.weight"
@@ -255,7 +254,7 @@ class _BayesianLSTMNet(nn.Module):
         self.out_rho = nn.Parameter(torch.full_like(out_mean, inverse_softplus(init_scale)))
         self.register_buffer("out_prior_mean", torch.zeros(()))
         self.register_buffer("out_prior_scale", torch.tensor(float(prior_scale)))
-        self._pyro_name = f"{type(self).__name__}_{next(_instance_counter)}"
+        self._pyro_name = new_param_prefix(type(self).__name__)
 
     # -- checks ------------------------------------------------------------------------------
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Callable, Sequence
 
@@ -16,8 +15,8 @@ from bnnpyro._checks import check_class_labels
 from bnnpyro.distributions import HiddenLayer, normal_kl_sum
 from bnnpyro.distributions.hidden_layer import ESTIMATORS
 from bnnpyro.nn.activations import identity, inverse_softplus, resolve_non_linearity
+from bnnpyro.nn.param_names import new_param_prefix
 
-_instance_counter = itertools.count()
 
 
 class _HiddenLayerMLP(nn.Module):
@@ -82,7 +81,7 @@ class _HiddenLayerMLP(nn.Module):
             scale = 1.0 / math.sqrt(d) if prior_scale == "fan_in" else float(prior_scale)
             self.register_buffer(f"prior_mean_{layer}", torch.zeros(()))
             self.register_buffer(f"prior_scale_{layer}", torch.tensor(scale))
-        self._pyro_name = f"{type(self).__name__}_{next(_instance_counter)}"
+        self._pyro_name = new_param_prefix(type(self).__name__)
 
     @property
     def num_layers(self) -> int:
