@@ -205,6 +205,34 @@ def test_bad_arguments():
         sample_predictive(m.model, m.guide, torch.randn(3, 2), 2, return_sites=["nope"])
 
 
+def test_argument_checks_run_on_the_first_chunk_and_x_is_checked_up_front():
+    """With validation on, the distributions' checks run on the first pass only (the later ones
+    differ from it only in rows of x), and a NaN in any row of x is still reported, by row."""
+    from bnnpyro.distributions import HiddenLayer
+
+    A_mean, A_scale = torch.randn(2, 3), torch.full((2, 3), 0.5)
+    checked = []
+
+    def model(x, y=None):
+        checked.append(torch.distributions.Distribution._validate_args)
+        with pyro.plate("data", len(x)):
+            return pyro.sample("h", HiddenLayer(x, A_mean, A_scale, KL_factor=0.0, include_hidden_bias=False))
+
+    def guide(x, y=None):
+        return model(x)
+
+    x = torch.randn(40, 2)
+    f = sample_predictive(model, guide, x, 3, chunk_size=10)["f"]
+    assert f.shape == (3, 40, 3) and checked == [True, True] + [False] * 6  # guide and model per pass
+    assert torch.distributions.Distribution._validate_args  # restored
+    x[33, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"x contains NaN or infinite values \(first in row 33\)"):
+        sample_predictive(model, guide, x, 3, chunk_size=10)
+    with pyro.validation_enabled(False):  # the user's choice: no checks at all
+        f = sample_predictive(model, guide, x, 3, chunk_size=10)["f"]
+    assert f[:, 33].isnan().all() and not f[:, 32].isnan().any()
+
+
 @pytest.mark.parametrize("guide_name", ["AnalyticAutoNormal", "AutoNormal", "AutoLowRankMultivariateNormal"])
 def test_vectorized_equals_loop_autoguides(guide_name):
     """One batched pass with S weight draws == S forward passes, one per (same) weight draw."""
