@@ -9,6 +9,9 @@ then the same parameters are copied into one model per estimator and, on one fix
   ``TraceMeanField_ELBO`` (closed-form KL: all variance comes from the sampled likelihood term)
   w.r.t. every weight mean; the per-element variance, averaged over the elements of each layer
   and of all layers;
+* **where the variance comes from** (``--decompose``): the same variances with the weight noise of
+  all but some layers switched off (posterior std ``softplus(-40)``, about ``4e-18``): noise in the
+  output layer only, in the hidden layers only, in each hidden layer alone;
 * **ms per step**, interleaved with a deterministic ``nn.Sequential`` of the same sizes trained
   with Adam (median of repeats): ``svi``, a full ``svi.step`` (one particle, backward, Adam; adds
   Pyro's per-step tracing), and ``torch``, the same objective computed by the same ``HiddenLayer``
@@ -19,7 +22,7 @@ Weight space: one weight draw per minibatch shared by all rows; local reparamete
 et al., 2015): pre-activations sampled per row; flipout (Wen et al., 2018): one perturbation per
 minibatch, decorrelated across rows by random sign flips.
 
-Usage: ``python benchmarks/estimators.py [--repeats 200] [--warmup 300] [--threads 2] [--out ...json]``
+Usage: ``python benchmarks/estimators.py [--repeats 200] [--warmup 300] [--threads 2] [--decompose] [--out ...json]``
 """
 
 from __future__ import annotations
@@ -72,6 +75,34 @@ def gradient_variance(m: BayesianMLPClassifier, x: torch.Tensor, y: torch.Tensor
     return [torch.stack(g).var(0).mean().item() for g in grads]
 
 
+def _with_noise_in(state: dict, layers: tuple[int, ...], num_layers: int) -> dict:
+    """``state`` with every layer but ``layers`` deterministic in effect (posterior std ~4e-18)."""
+    state = dict(state)
+    for layer in range(num_layers):
+        if layer not in layers:
+            state[f"A_rho.{layer}"] = torch.full_like(state[f"A_rho.{layer}"], -40.0)
+    return state
+
+
+def decompose(state: dict, N: int, x: torch.Tensor, y: torch.Tensor, repeats: int) -> list[dict]:
+    """Weight-space / local-reparameterization gradient variance per layer, with weight noise in
+    some layers only: the output layer, the hidden layers, each hidden layer alone."""
+    L = len(SIZES[1]) + 1
+    subsets = [(L - 1,), tuple(range(L - 1)), *((layer,) for layer in range(L - 1))]
+    rows = []
+    for layers in subsets:
+        v = {}
+        for e in ("weight_space", "local_reparameterization"):
+            pyro.clear_param_store()
+            v[e] = gradient_variance(_model(e, N, _with_noise_in(state, layers, L)), x, y, repeats)
+        ratio = [a / b for a, b in zip(v["weight_space"], v["local_reparameterization"])]
+        rows.append({"noise_in_layers": list(layers), "grad_var_per_layer": v, "ratio_per_layer": ratio})
+        print(f"noise in layers {list(layers)!s:<10} weight-space grad var per layer "
+              + "  ".join(f"{a:.3e}" for a in v["weight_space"])
+              + "   vs local reparam. " + "  ".join(f"{r:.1f}x" for r in ratio), flush=True)
+    return rows
+
+
 def _torch_step(x: torch.Tensor, y: torch.Tensor):
     d, hidden, c = SIZES
     widths = (d, *hidden, c)
@@ -117,6 +148,8 @@ def main() -> None:
     parser.add_argument("--warmup-lr", type=float, default=1e-3, help="Adam learning rate of the warm-up")
     parser.add_argument("--time-repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--decompose", action="store_true",
+                        help="also measure the variances with weight noise in some layers only")
     parser.add_argument("--out", default="benchmarks/results/estimators.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -138,6 +171,7 @@ def main() -> None:
         pyro.clear_param_store()
         variance[e] = gradient_variance(_model(e, N, state), x, y, args.repeats)
         print(f"{e:<26} gradient variance per layer " + "  ".join(f"{v:.3e}" for v in variance[e]), flush=True)
+    decomposition = decompose(state, N, x, y, args.repeats) if args.decompose else None
 
     steps = {"deterministic": _torch_step(x, y)}
     for e in ESTIMATORS:
@@ -166,7 +200,8 @@ def main() -> None:
     print(f"posterior std after warm-up: median {scales.median():.4f}, mean {scales.mean():.4f}")
     write_json(args.out, {"data": source, "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
                           "warmup_lr": args.warmup_lr, "posterior_std_median": scales.median().item(),
-                          "threads": args.threads, "deterministic_ms": det, "rows": rows})
+                          "threads": args.threads, "deterministic_ms": det, "rows": rows,
+                          **({"decomposition": decomposition} if decomposition else {})})
 
 
 if __name__ == "__main__":
