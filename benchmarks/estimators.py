@@ -128,12 +128,15 @@ def _torch_bayes_step(m: BayesianMLPClassifier, x: torch.Tensor, y: torch.Tensor
 
     def step():
         opt.zero_grad()
-        X = X0
+        X, kl = X0, 0.0
         for layer in range(m.num_layers):
             last = layer == m.num_layers - 1
-            X = HiddenLayer(X, m.A_mean[layer], F.softplus(m.A_rho[layer]), non_linearity=identity if last else F.relu,
-                            include_hidden_bias=not last, estimator=m.estimator, validate_args=False).rsample()
-        loss = scale * F.cross_entropy(X, y, reduction="sum") + m.kl()
+            prior_mean, prior_scale = m._prior(layer)
+            q = HiddenLayer(X, m.A_mean[layer], F.softplus(m.A_rho[layer]), non_linearity=identity if last else F.relu,
+                            include_hidden_bias=not last, A_prior_mean=prior_mean, A_prior_scale=prior_scale,
+                            estimator=m.estimator, validate_args=False)
+            X, kl = q.rsample(), kl + q.KL  # one softplus per layer for the draw and the KL, as under SVI
+        loss = scale * F.cross_entropy(X, y, reduction="sum") + kl
         loss.backward()
         opt.step()
 
