@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
+from bnnpyro._checks import all_finite
 from bnnpyro.infer.elbo_terms import elbo_terms
 
 
@@ -65,7 +66,7 @@ def _check_pair(x: Any, y: Any, where: str) -> None:
     if len(x) != len(y):
         raise ValueError(f"x and y {where} must have the same length along dim 0, got {len(x)} and {len(y)}")
     for name, value in (("x", x), ("y", y)):
-        if value.is_floating_point() and not torch.isfinite(value).all():
+        if value.is_floating_point() and not all_finite(value):
             raise ValueError(f"{name} {where} contains NaN or infinite values")
 
 

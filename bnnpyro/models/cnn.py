@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnnpyro._checks import check_class_labels, positive_int
+from bnnpyro._checks import all_finite, check_class_labels, positive_int
 from bnnpyro.distributions import ConvLayer, HiddenLayer, normal_kl_sum
 from bnnpyro.distributions.hidden_layer import ESTIMATORS
 from bnnpyro.nn.activations import identity, inverse_softplus
@@ -193,7 +193,7 @@ class BayesianCNNClassifier(nn.Module):
                 f"the batch has {x.size(0)} images but dataset_size is {self.dataset_size}: "
                 "dataset_size must be the number of training images"
             )
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             raise ValueError("x contains NaN or infinite values")
 
     def _check_y(self, x: Tensor, y: Tensor) -> None:

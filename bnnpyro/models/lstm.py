@@ -59,7 +59,7 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from bnnpyro._checks import positive_int
+from bnnpyro._checks import all_finite, positive_int
 from bnnpyro.distributions import FactorizedNormal, HiddenLayer, Prior
 from bnnpyro.nn import BayesianEmbedding, BayesianLSTM, lstm_forward
 from bnnpyro.nn.activations import identity, inverse_softplus
@@ -273,7 +273,7 @@ class _BayesianLSTMNet(nn.Module):
                 raise TypeError(f"x must be a floating-point tensor (B x T x {self.input_size}), got dtype {x.dtype}")
             if x.dim() != 3 or x.size(-1) != self.input_size or 0 in x.shape:
                 raise ValueError(f"x must be B x T x {self.input_size}, got shape {tuple(x.shape)}")
-            if not torch.isfinite(x).all():
+            if not all_finite(x):
                 raise ValueError("x contains NaN or infinite values")
 
     def _check_labels(self, y: Tensor, shape: tuple[int, ...], num_classes: int, what: str) -> None:

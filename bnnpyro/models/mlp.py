@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnnpyro._checks import check_class_labels
+from bnnpyro._checks import all_finite, check_class_labels
 from bnnpyro.distributions import HiddenLayer, normal_kl_sum
 from bnnpyro.distributions.hidden_layer import ESTIMATORS
 from bnnpyro.nn.activations import identity, inverse_softplus, resolve_non_linearity
@@ -115,7 +115,7 @@ class _HiddenLayerMLP(nn.Module):
                 f"the batch has {x.size(0)} rows but dataset_size is {self.dataset_size}: "
                 "dataset_size must be the size of the whole training set"
             )
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             raise ValueError("x contains NaN or infinite values")
 
     def _check_y(self, x: Tensor, y: Tensor) -> None:
@@ -267,7 +267,7 @@ class BayesianMLPRegressor(_HiddenLayerMLP):
         expected = (x.size(0),) if self.out_features == 1 else (x.size(0), self.out_features)
         if tuple(y.shape) != expected:
             raise ValueError(f"y must have shape {expected} for x of shape {tuple(x.shape)}, got {tuple(y.shape)}")
-        if not torch.isfinite(y).all():
+        if not all_finite(y):
             raise ValueError("y contains NaN or infinite values")
 
 

@@ -13,6 +13,7 @@ from pyro.poutine.util import site_is_subsample
 import torch
 from torch import Tensor
 
+from bnnpyro._checks import all_finite
 from bnnpyro.distributions import HiddenLayer
 
 _PARTICLE_PLATE = "_num_predictive_samples"
@@ -169,11 +170,9 @@ def sample_predictive(
     if estimator not in _ESTIMATORS:
         raise ValueError(f"estimator must be one of {_ESTIMATORS}, got {estimator!r}")
     chunk_size = chunk_size or max(len(x), 1)
-    # NaN and inf propagate into the sum (one pass, no N x D temporary); only then look for them
-    if is_validation_enabled() and x.is_floating_point() and not bool(torch.isfinite(x.sum())):
-        bad = (~torch.isfinite(x)).reshape(len(x), -1).any(-1).nonzero()
-        if len(bad):
-            raise ValueError(f"x contains NaN or infinite values (first in row {int(bad[0])})")
+    if is_validation_enabled() and x.is_floating_point() and not all_finite(x):
+        row = int((~torch.isfinite(x)).reshape(len(x), -1).any(-1).nonzero()[0])
+        raise ValueError(f"x contains NaN or infinite values (first in row {row})")
     with torch.no_grad():
         if vectorize:
             plate = pyro.plate(_PARTICLE_PLATE, num_samples, dim=-max_plate_nesting - 1)
