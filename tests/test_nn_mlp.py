@@ -184,12 +184,16 @@ def _bad_inputs():
     x, y = torch.randn(4, 3), torch.randn(4)
     nan_x, nan_y = x.clone(), y.clone()
     nan_x[0, 0], nan_y[1] = float("nan"), float("nan")
+    inf_x, inf_y = x.clone(), y.clone()
+    inf_x[2, 1], inf_y[3] = float("inf"), float("-inf")
     return [
         ({}, x.double()[:, :2], y, "x must be"),
         ({}, x.long(), y, "x must be"),
         ({}, x[0], y, "x must be"),
         ({}, nan_x, y, "x contains NaN"),
         ({}, x, nan_y, "y contains NaN"),
+        ({}, inf_x, y, "x contains NaN or infinite values"),
+        ({}, x, inf_y, "y contains NaN or infinite values"),
         ({}, x, y.unsqueeze(-1), "y must be"),
         ({}, x, y.long(), "y must be"),
         ({"dataset_size": 3}, x, y, "dataset_size"),

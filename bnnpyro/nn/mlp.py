@@ -28,7 +28,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from bnnpyro._checks import positive_int
+from bnnpyro._checks import all_finite, positive_int
 from bnnpyro.distributions.priors import Prior
 from bnnpyro.nn.activations import resolve_non_linearity
 from bnnpyro.nn.linear import BayesianLinear
@@ -156,8 +156,8 @@ class BayesianMLP(UniqueParamNames, PyroModule):
         batch = x.shape[0]
         if batch == 0:
             raise ValueError("x must have at least one row")
-        if torch.isnan(x).any():
-            raise ValueError("x contains NaN")
+        if not all_finite(x):
+            raise ValueError("x contains NaN or infinite values")
         if y is not None and self.dataset_size is not None and self.dataset_size < batch:
             raise ValueError(f"dataset_size ({self.dataset_size}) is smaller than the batch size ({batch})")
         if y is None:
@@ -173,8 +173,8 @@ class BayesianMLP(UniqueParamNames, PyroModule):
         expected = (batch,) if self.out_features == 1 else (batch, self.out_features)
         if not y.is_floating_point() or y.shape != expected:
             raise ValueError(f"y must be a float tensor of shape {expected}, got {y.dtype} {tuple(y.shape)}")
-        if torch.isnan(y).any():
-            raise ValueError("y contains NaN")
+        if not all_finite(y):
+            raise ValueError("y contains NaN or infinite values")
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
         """
