@@ -182,7 +182,7 @@ class BayesianMLP(UniqueParamNames, PyroModule):
         sampled). Returns ``f``: ``B x out``, or ``*P x B x out`` under outer plates.
 
         Raises:
-            ValueError: ``x`` not a ``B x in_features`` float tensor, NaN in ``x`` or ``y``,
+            ValueError: ``x`` not a ``B x in_features`` float tensor, NaN or inf in ``x`` or ``y``,
                 ``y`` of the wrong shape or dtype, labels out of range, ``dataset_size < B``.
         """
         self._check_inputs(x, y)
