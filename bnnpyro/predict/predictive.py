@@ -130,8 +130,8 @@ def sample_predictive(
     predictive distribution is exact either way. With Pyro's validation on, ``x`` is checked for
     NaN and infinite values once, up front, and the distributions' argument checks run on the first
     pass only: the later passes run the same distributions, with the same parameters, on other
-    rows of the checked ``x`` (the checks over ``S x rows`` arguments were about 8% of a 13-50-1
-    network's prediction at ``S = 100``).
+    rows of the checked ``x`` (skipping the checks over their ``S x rows`` arguments made a 13-50-1
+    network's prediction at ``S = 100`` 4% faster).
 
     :param x: ``N x D`` inputs.
     :param int num_samples: ``S``.
