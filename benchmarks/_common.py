@@ -8,10 +8,17 @@ import json
 import os
 import re
 import statistics
+import sys
 import time
 from typing import Callable
 
 _M_MMAP_THRESHOLD = -3
+
+if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+    # every operation split over threads then pays to wake a sleeping worker (a sum over 314,000
+    # floats: 98 us against 13); loops of mid-sized operations suffer most (README, top)
+    print("warning: OMP_WAIT_POLICY=PASSIVE slows torch's multi-threaded operations and skews the "
+          "ratios; the tables in benchmarks/README.md are measured without it", file=sys.stderr)
 
 
 def _status_mib(key: str) -> float:

@@ -26,6 +26,7 @@ import statistics
 import time
 import warnings
 
+import _common  # noqa: F401  (warns when OMP_WAIT_POLICY=PASSIVE skews the timings)
 import pyro
 import torch
 from pyro.infer import SVI, TraceMeanField_ELBO
