@@ -14,8 +14,6 @@ from bnnpyro.distributions import FactorizedNormal
 from bnnpyro.nn.param_names import new_param_prefix
 
 
-
-
 def _is_real(support) -> bool:
     while isinstance(support, constraints.independent):
         support = support.base_constraint

@@ -47,8 +47,6 @@ from bnnpyro.nn.param_names import new_param_prefix
 __all__ = ["BayesianCNNClassifier"]
 
 
-
-
 def _max_pool(h: Tensor) -> Tensor:
     """2x2 max-pool over the last two dims of ``... x C x H x W`` (any leading dims)."""
     lead = h.shape[:-3]

@@ -18,7 +18,6 @@ from bnnpyro.nn.activations import identity, inverse_softplus, resolve_non_linea
 from bnnpyro.nn.param_names import new_param_prefix
 
 
-
 class _HiddenLayerMLP(nn.Module):
     r"""
     Shared plumbing of the catalogue MLPs: ``in_features -> hidden... -> out_width``, every

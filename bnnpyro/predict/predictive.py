@@ -208,8 +208,9 @@ def _predictive_pass(
     dim -2), for one draw of the global sites, taken on the first chunk and replayed on the others;
     under ``plate`` (the particle plate) the draw is ``S`` networks at once. ``grow_to``: after the
     first chunk, take the other rows in equal chunks of at most ``grow_to`` rows, or of as many as
-    keep the widest ``HiddenLayer`` output at ``_AUTO_CHUNK_ACTIVATION_ELEMENTS``. ``estimator``: how the guide's ``HiddenLayer`` s sample (:class:`_LayerSampling`;
-    ``None``: as they are). Returns ``(f, {site: value})``.
+    keep the widest ``HiddenLayer`` output at ``_AUTO_CHUNK_ACTIVATION_ELEMENTS``. ``estimator``:
+    how the guide's ``HiddenLayer`` s sample (:class:`_LayerSampling`; ``None``: as they are).
+    Returns ``(f, {site: value})``.
     """
     sampling = None if estimator is None else _LayerSampling(estimator)
     if sampling is not None:
