@@ -11,8 +11,16 @@ Columns: ``torch`` (deterministic ``nn.Sequential`` + ``torch.optim.Adam``, MSE/
 ``hand`` (catalogue model, hand-written local-reparameterization guide, ``TraceMeanField_ELBO``),
 ``hand-noval`` (the same with Pyro's argument validation off, ``pyro.enable_validation(False)``),
 ``autonormal`` (``bnnpyro.nn.BayesianMLP`` with ``bnnpyro.infer.AnalyticAutoNormal``, weight-space
-sampling). ``JitTraceMeanField_ELBO`` was tried and was 8-100x *slower* here (it re-traces), so it is
-not listed.
+sampling), and ``pyro-floor``: Pyro's own per-step cost for the catalogue model's structure with no
+network (the same subsampled plate, one latent ``Normal`` site per layer, the same likelihood family
+and the same number of parameters, all scalars; ``TraceMeanField_ELBO``, analytic KL, Adam), what no
+trimming of the network can remove. ``JitTraceMeanField_ELBO`` was tried and was 8-100x *slower*
+here (it re-traces), so it is not listed.
+
+Each column also reports the minor page faults per step (``getrusage``): glibc returns freed
+memory above its thresholds to the OS and faults it back in on the next allocation, which can cost
+a large step several milliseconds; set ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``
+(or use jemalloc/tcmalloc, as PyTorch's CPU tuning guide advises) to measure without them.
 
 Usage: ``python benchmarks/svi_step.py [--threads 1 2] [--repeats 30] [--out ...json]``
 """
@@ -22,13 +30,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import time
 import warnings
 
 import _common  # noqa: F401  (warns when OMP_WAIT_POLICY=PASSIVE skews the timings)
 import pyro
+import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from pyro.infer import SVI, TraceMeanField_ELBO
 from torch import nn
 
@@ -66,6 +77,27 @@ def _svi_step(model, guide, elbo):
     return lambda x, y: svi.step(x, y)
 
 
+def _pyro_floor(num_layers: int, num_params: int, regression: bool, num_classes: int, N: int):
+    """Model and guide with the catalogue model's sites and parameter count but no network."""
+
+    def model(x, y):
+        with pyro.plate("data", N, subsample=torch.arange(x.size(0))):
+            for layer in range(num_layers):
+                pyro.sample(f"layer{layer}", dist.Normal(x.new_zeros(x.size(0)), 1.0))
+            likelihood = (dist.Normal(x.new_zeros(x.size(0)), 1.0) if regression
+                          else dist.Categorical(logits=x.new_zeros(x.size(0), num_classes)))
+            pyro.sample("y", likelihood, obs=y)
+
+    def guide(x, y):
+        params = [pyro.param(f"floor_{i}", torch.zeros(())) for i in range(num_params)]
+        with pyro.plate("data", N, subsample=torch.arange(x.size(0))):
+            for layer in range(num_layers):
+                loc, rho = params[(2 * layer) % num_params], params[(2 * layer + 1) % num_params]
+                pyro.sample(f"layer{layer}", dist.Normal(loc.expand(x.size(0)), F.softplus(rho).expand(x.size(0))))
+
+    return model, guide
+
+
 def make_steps(in_features, hidden, out, regression, N=60000):
     sizes = (in_features, *hidden, out)
     steps = {"torch": _torch_step(sizes, regression)}
@@ -83,6 +115,8 @@ def make_steps(in_features, hidden, out, regression, N=60000):
     net = BayesianMLP(in_features, out, hidden=hidden, dataset_size=N,
                       likelihood="regression" if regression else "classification")
     steps["autonormal"] = _svi_step(net, AnalyticAutoNormal(net), TraceMeanField_ELBO())
+    num_params = sum(1 for _ in m.parameters())
+    steps["pyro-floor"] = _svi_step(*_pyro_floor(m.num_layers, num_params, regression, out, N), TraceMeanField_ELBO())
     return steps
 
 
@@ -103,23 +137,29 @@ def main() -> None:
             y = torch.randn(batch) if regression else torch.randint(0, out, (batch,))
             steps = make_steps(d, hidden, out, regression)
             times = {k: [] for k in steps}
-            for fn in steps.values():  # warm-up (and JIT compilation)
+            faults = dict.fromkeys(steps, 0)
+            for fn in steps.values():  # warm-up
                 for _ in range(3):
                     fn(x, y)
             for _ in range(args.repeats):
                 for k, fn in steps.items():
+                    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                     t0 = time.perf_counter()
                     fn(x, y)
                     times[k].append(time.perf_counter() - t0)
+                    faults[k] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
             ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+            faults = {k: v / args.repeats for k, v in faults.items()}
             rows.append({"threads": threads, "config": label, "batch": batch, "ms": ms,
-                         "ratio": {k: ms[k] / ms["torch"] for k in ms}})
+                         "ratio": {k: ms[k] / ms["torch"] for k in ms}, "page_faults_per_step": faults})
             print(f"threads={threads} {label:<28} batch {batch:>3}: " + "  ".join(
-                f"{k} {ms[k]:7.2f} ms ({ms[k] / ms['torch']:.1f}x)" for k in ms), flush=True)
+                f"{k} {ms[k]:6.2f} ms ({ms[k] / ms['torch']:.1f}x, {faults[k]:.0f} pf)" for k in ms), flush=True)
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"torch": torch.__version__, "pyro": pyro.__version__, "rows": rows}, f, indent=2)
+            malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+            json.dump({"torch": torch.__version__, "pyro": pyro.__version__, "malloc_env": malloc, "rows": rows},
+                      f, indent=2)
         print(f"wrote {args.out}")
 
 
