@@ -16,6 +16,24 @@ def all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def check_like(name: str, t: Tensor, reference: Tensor, owner: str = "the model's parameters") -> None:
+    """
+    ``t`` (a floating-point input) must have ``reference``'s dtype, and any ``t`` its device: a
+    matmul of mixed dtypes or devices fails deep inside with a message that names neither.
+    Raises ``TypeError`` (dtype) or ``ValueError`` (device) naming ``name``, ``owner`` and the fix.
+    """
+    if t.is_floating_point() and t.dtype != reference.dtype:
+        raise TypeError(
+            f"{name} has dtype {t.dtype} but {owner} are {reference.dtype}: convert {name} "
+            f"({name}.to({reference.dtype})) or the model (model.to({t.dtype}))"
+        )
+    if t.device != reference.device:
+        raise ValueError(
+            f"{name} is on {t.device} but {owner} are on {reference.device}: move {name} "
+            f"({name}.to('{reference.device}')) or the model (model.to('{t.device}'))"
+        )
+
+
 def positive_int(name: str, value: object) -> int:
     """``value`` if it is a positive ``int`` (not a ``bool``), else ``ValueError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -42,3 +44,68 @@ def test_catalogue_models_reject_non_finite_inputs():
     y[0] = float("nan")
     with pytest.raises(ValueError, match="y contains NaN or infinite values"):
         m.model(torch.randn(8, 3), y)
+
+
+def test_layers_reject_mixed_dtypes_and_devices_naming_the_arguments():
+    """A float64 input to float32 weights (or weights on another device) fails at construction
+    with the argument names, not deep inside a matmul."""
+    from bnnpyro.distributions import ConvLayer, EmbeddingLayer, HiddenLayer
+
+    X, A = torch.randn(5, 4), torch.randn(4, 3)
+    with pytest.raises(TypeError, match="A_mean has dtype torch.float32 but X has torch.float64"):
+        HiddenLayer(X.double(), A, A.exp())
+    with pytest.raises(TypeError, match="A_scale has dtype torch.float64 but X has torch.float32"):
+        HiddenLayer(X, A, A.exp().double())
+    with pytest.raises(ValueError, match="A_mean is on meta but X is on cpu"):
+        HiddenLayer(X, A.to("meta"), A.exp())
+    W = torch.randn(2, 1, 3, 3)
+    with pytest.raises(TypeError, match="W_mean has dtype torch.float32 but X has torch.float64"):
+        ConvLayer(torch.randn(2, 1, 6, 6, dtype=torch.float64), W, W.exp())
+    with pytest.raises(TypeError, match="bias_scale has dtype torch.float64 but X has torch.float32"):
+        ConvLayer(torch.randn(2, 1, 6, 6), W, W.exp(), bias_mean=torch.zeros(2), bias_scale=torch.ones(2).double())
+    E = torch.randn(10, 3)
+    with pytest.raises(TypeError, match="W_scale has dtype torch.float64 but W_mean has torch.float32"):
+        EmbeddingLayer(torch.zeros(2, 4, dtype=torch.long), E, E.exp().double())
+    with pytest.raises(ValueError, match="input is on meta but W_mean is on cpu"):
+        EmbeddingLayer(torch.zeros(2, 4, dtype=torch.long, device="meta"), E, E.exp())
+
+
+def _catalogue_models():
+    from bnnpyro.models import (BayesianCNNClassifier, BayesianLSTMClassifier, BayesianMLPClassifier,
+                                BayesianMLPRegressor)
+    from bnnpyro.nn import BayesianMLP
+
+    return [
+        (lambda: BayesianMLPRegressor(3, dataset_size=100), lambda m: (m.model, m.guide),
+         torch.randn(8, 3), torch.randn(8)),
+        (lambda: BayesianMLPClassifier(3, 4, dataset_size=100), lambda m: (m.model, m.guide),
+         torch.randn(8, 3), torch.randint(0, 4, (8,))),
+        (lambda: BayesianCNNClassifier(num_classes=3, image_size=8, channels=(2, 2), hidden=(4,), dataset_size=100),
+         lambda m: (m.model, m.guide), torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))),
+        (lambda: BayesianLSTMClassifier(num_classes=3, hidden_size=4, input_size=2, dataset_size=100),
+         lambda m: (m.model, m.guide), torch.randn(8, 5, 2), torch.randint(0, 3, (8,))),
+        (lambda: BayesianMLP(3, 1, hidden=(4,), dataset_size=100), None, torch.randn(8, 3), torch.randn(8)),
+    ]
+
+
+@pytest.mark.parametrize("make, program, x, y", _catalogue_models())
+def test_catalogue_models_name_a_dtype_or_device_mismatch_of_x(make, program, x, y):
+    """float64 (or meta-device) x to a float32 model: an error naming x, both dtypes (devices) and
+    the fix; converting the model as it says makes the same x work (a finite loss)."""
+    import pyro
+    from pyro.infer import Trace_ELBO
+    from pyro.infer.autoguide import AutoNormal
+
+    pyro.clear_param_store()
+    m = make()
+    model, guide = program(m) if program else (m, AutoNormal(m))
+    with pytest.raises(TypeError, match=r"x has dtype torch.float64 but the model's \w+ \w* ?are torch.float32: "
+                                        r"convert x \(x.to\(torch.float32\)\) or the model \(model.to\(torch.float64\)\)"):
+        model(x.double(), y.double() if y.is_floating_point() else y)
+    with pytest.raises(ValueError, match="x is on meta but the model's .* are on cpu"):
+        model(x.to("meta"), y)
+    pyro.clear_param_store()
+    m = make().to(torch.float64)
+    model, guide = program(m) if program else (m, AutoNormal(m))
+    y = y.double() if y.is_floating_point() else y
+    assert math.isfinite(Trace_ELBO().loss(model, guide, x.double(), y))

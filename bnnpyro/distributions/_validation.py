@@ -9,6 +9,28 @@ from torch.distributions import Distribution
 from bnnpyro.distributions._shapes import broadcast_shapes
 
 
+def check_float_tensors(**tensors: object) -> None:
+    """
+    Every argument is a floating-point tensor, and all have the dtype and device of the first
+    (a matmul of mixed dtypes or devices fails later with a message naming none of them).
+    Raises ``TypeError`` (not a tensor, not floating point, another dtype) or ``ValueError``
+    (another device) naming the argument.
+    """
+    first: tuple[str, Tensor] | None = None
+    for name, value in tensors.items():
+        if not torch.is_tensor(value):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        if first is None:
+            first = name, value
+        elif value.dtype != first[1].dtype:
+            raise TypeError(f"{name} has dtype {value.dtype} but {first[0]} has {first[1].dtype}: give them one dtype")
+        elif value.device != first[1].device:
+            raise ValueError(f"{name} is on {value.device} but {first[0]} is on {first[1].device}: "
+                             "put them on one device")
+
+
 def check_value_shape(d: Distribution, value: Tensor) -> None:
     """
     The shape part of ``Distribution._validate_sample``: ``value`` is a tensor whose rightmost

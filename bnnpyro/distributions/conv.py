@@ -15,7 +15,7 @@ from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
 from bnnpyro.distributions._shapes import broadcast_shapes
-from bnnpyro.distributions._validation import check_value_shape
+from bnnpyro.distributions._validation import check_float_tensors, check_value_shape
 from bnnpyro.distributions.hidden_layer import ESTIMATORS, random_signs
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
@@ -132,16 +132,10 @@ class ConvLayer(TorchDistribution):
         dataset_size: int | None = None,
         validate_args: bool | None = None,
     ) -> None:
-        named = [("X", X), ("W_mean", W_mean), ("W_scale", W_scale)]
         if (bias_mean is None) != (bias_scale is None):
             raise ValueError("give both bias_mean and bias_scale, or neither")
-        if bias_mean is not None:
-            named += [("bias_mean", bias_mean), ("bias_scale", bias_scale)]
-        for name, value in named:
-            if not torch.is_tensor(value):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-            if not value.is_floating_point():
-                raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        bias = {} if bias_mean is None else {"bias_mean": bias_mean, "bias_scale": bias_scale}
+        check_float_tensors(X=X, W_mean=W_mean, W_scale=W_scale, **bias)
         if W_mean.dim() not in (3, 4):
             raise ValueError(
                 "W_mean must be 3-D (C_out x C_in/groups x k, conv1d) or 4-D "

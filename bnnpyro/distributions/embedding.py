@@ -13,7 +13,7 @@ from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
 from bnnpyro.distributions._shapes import broadcast_shapes
-from bnnpyro.distributions._validation import check_value_shape
+from bnnpyro.distributions._validation import check_float_tensors, check_value_shape
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
 EMBEDDING_ESTIMATORS = ("local_reparameterization", "weight_space")
@@ -85,11 +85,9 @@ class EmbeddingLayer(TorchDistribution):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
         if input.is_floating_point() or input.is_complex() or input.dtype == torch.bool:
             raise TypeError(f"input must be an integer tensor of token ids, got dtype {input.dtype}")
-        for name, value in (("W_mean", W_mean), ("W_scale", W_scale)):
-            if not torch.is_tensor(value):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-            if not value.is_floating_point():
-                raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        check_float_tensors(W_mean=W_mean, W_scale=W_scale)
+        if input.device != W_mean.device:
+            raise ValueError(f"input is on {input.device} but W_mean is on {W_mean.device}: put them on one device")
         if W_mean.dim() != 2:
             raise ValueError(f"W_mean must be 2-D (V x E), got shape {tuple(W_mean.shape)}")
         if W_scale.shape != W_mean.shape:

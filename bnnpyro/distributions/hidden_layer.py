@@ -15,7 +15,7 @@ from torch.distributions.utils import lazy_property
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bnnpyro.distributions._shapes import broadcast_shapes
-from bnnpyro.distributions._validation import check_value_shape
+from bnnpyro.distributions._validation import check_float_tensors, check_value_shape
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
 
@@ -260,11 +260,7 @@ class HiddenLayer(TorchDistribution):
             raise ValueError(
                 f"weight_space_sampling=True contradicts estimator={estimator!r}; give only estimator"
             )
-        for name, value in (("X", X), ("A_mean", A_mean), ("A_scale", A_scale)):
-            if not torch.is_tensor(value):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-            if not value.is_floating_point():
-                raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        check_float_tensors(X=X, A_mean=A_mean, A_scale=A_scale)
         if A_mean.dim() != 2:
             raise ValueError(f"A_mean must be 2-D (D x H), got shape {tuple(A_mean.shape)}")
         if A_scale.dim() != 2:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnnpyro._checks import all_finite, check_class_labels, positive_int
+from bnnpyro._checks import all_finite, check_class_labels, check_like, positive_int
 from bnnpyro.distributions import ConvLayer, HiddenLayer, normal_kl_sum
 from bnnpyro.distributions.hidden_layer import ESTIMATORS
 from bnnpyro.nn.activations import identity, inverse_softplus
@@ -183,6 +183,7 @@ class BayesianCNNClassifier(nn.Module):
     def _check_x(self, x: Tensor, training: bool) -> None:
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        check_like("x", x, self.conv_mean[0])
         expected = (self.in_channels, *self.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"x must be B x {' x '.join(map(str, expected))} images, got shape {tuple(x.shape)}")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnnpyro._checks import all_finite, check_class_labels
+from bnnpyro._checks import all_finite, check_class_labels, check_like
 from bnnpyro.distributions import HiddenLayer, normal_kl_sum
 from bnnpyro.distributions.hidden_layer import ESTIMATORS
 from bnnpyro.nn.activations import identity, inverse_softplus, resolve_non_linearity
@@ -107,6 +107,7 @@ class _HiddenLayerMLP(nn.Module):
     def _check_x(self, x: Tensor, training: bool) -> None:
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        check_like("x", x, self.A_mean[0])
         if x.dim() != 2 or x.size(-1) != self.in_features:
             raise ValueError(f"x must be B x {self.in_features}, got shape {tuple(x.shape)}")
         if training and x.size(0) > self.dataset_size:

@@ -28,7 +28,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from bnnpyro._checks import all_finite, positive_int
+from bnnpyro._checks import all_finite, check_like, positive_int
 from bnnpyro.distributions.priors import Prior
 from bnnpyro.nn.activations import resolve_non_linearity
 from bnnpyro.nn.linear import BayesianLinear
@@ -153,6 +153,7 @@ class BayesianMLP(UniqueParamNames, PyroModule):
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 2 or x.shape[1] != self.in_features:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be a float tensor of shape B x {self.in_features}, got {shape}")
+        check_like("x", x, next(self.layers[0].buffers()), owner="the model's prior buffers")
         batch = x.shape[0]
         if batch == 0:
             raise ValueError("x must have at least one row")
