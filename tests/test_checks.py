@@ -109,3 +109,28 @@ def test_catalogue_models_name_a_dtype_or_device_mismatch_of_x(make, program, x,
     model, guide = program(m) if program else (m, AutoNormal(m))
     y = y.double() if y.is_floating_point() else y
     assert math.isfinite(Trace_ELBO().loss(model, guide, x.double(), y))
+
+
+def test_empty_minibatches_raise_naming_the_input():
+    """A layer's KL is shared among its minibatch rows (``KL_factor / B`` each): B = 0 is an error
+    naming the input, not a ZeroDivisionError; so is an empty x to the models and the predictive."""
+    from bnnpyro import sample_predictive
+    from bnnpyro.distributions import ConvLayer, EmbeddingLayer, HiddenLayer
+    from bnnpyro.models import BayesianCNNClassifier, BayesianMLPRegressor
+
+    A = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"X has no rows \(shape \(0, 4\)\)"):
+        HiddenLayer(torch.randn(0, 4), A, A.exp(), dataset_size=10)
+    W = torch.randn(2, 1, 3, 3)
+    with pytest.raises(ValueError, match=r"X has no rows \(shape \(0, 1, 6, 6\)\)"):
+        ConvLayer(torch.randn(0, 1, 6, 6), W, W.exp())
+    with pytest.raises(ValueError, match=r"input has no rows \(shape \(0, 4\)\)"):
+        EmbeddingLayer(torch.zeros(0, 4, dtype=torch.long), A, A.exp())
+    m = BayesianMLPRegressor(4, dataset_size=10)
+    with pytest.raises(ValueError, match=r"x must have at least one row, got shape \(0, 4\)"):
+        m.guide(torch.randn(0, 4))
+    with pytest.raises(ValueError, match=r"x must have at least one row \(its first dim\), got shape \(0, 4\)"):
+        sample_predictive(m.model, m.guide, torch.randn(0, 4), 3)
+    cnn = BayesianCNNClassifier(num_classes=3, image_size=8, channels=(2, 2), hidden=(4,), dataset_size=10)
+    with pytest.raises(ValueError, match=r"x must have at least one row, got shape \(0, 1, 8, 8\)"):
+        cnn.model(torch.randn(0, 1, 8, 8))

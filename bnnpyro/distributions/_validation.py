@@ -31,6 +31,15 @@ def check_float_tensors(**tensors: object) -> None:
                              "put them on one device")
 
 
+def check_rows(name: str, t: Tensor, rows: int) -> None:
+    """A layer's minibatch (``rows`` of ``t``) is not empty: each row carries ``1 / rows`` of the KL."""
+    if rows < 1:
+        raise ValueError(
+            f"{name} has no rows (shape {tuple(t.shape)}): each row of the minibatch carries a share of "
+            "the layer's KL, so it needs at least one"
+        )
+
+
 def check_value_shape(d: Distribution, value: Tensor) -> None:
     """
     The shape part of ``Distribution._validate_sample``: ``value`` is a tensor whose rightmost

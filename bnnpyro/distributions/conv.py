@@ -15,7 +15,7 @@ from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
 from bnnpyro.distributions._shapes import broadcast_shapes
-from bnnpyro.distributions._validation import check_float_tensors, check_value_shape
+from bnnpyro.distributions._validation import check_float_tensors, check_rows, check_value_shape
 from bnnpyro.distributions.hidden_layer import ESTIMATORS, random_signs
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
@@ -167,6 +167,7 @@ class ConvLayer(TorchDistribution):
         if not callable(non_linearity):
             raise TypeError(f"non_linearity must be callable, got {type(non_linearity).__name__}")
         rows = X.size(-(d + 2))
+        check_rows("X", X, rows)
         KL_factor = minibatch_kl_factor(rows, KL_factor, dataset_size)
 
         self.X = X

@@ -13,7 +13,7 @@ from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
 from bnnpyro.distributions._shapes import broadcast_shapes
-from bnnpyro.distributions._validation import check_float_tensors, check_value_shape
+from bnnpyro.distributions._validation import check_float_tensors, check_rows, check_value_shape
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
 EMBEDDING_ESTIMATORS = ("local_reparameterization", "weight_space")
@@ -111,6 +111,7 @@ class EmbeddingLayer(TorchDistribution):
                 raise ValueError(f"padding_idx must be an int in [-{V}, {V}) (V = W_mean.size(0)), got {padding_idx!r}")
             padding_idx %= V
         rows = input.size(-2)
+        check_rows("input", input, rows)
         KL_factor = minibatch_kl_factor(rows, KL_factor, dataset_size)
 
         self.input = input

@@ -192,6 +192,8 @@ class BayesianCNNClassifier(nn.Module):
                 f"the batch has {x.size(0)} images but dataset_size is {self.dataset_size}: "
                 "dataset_size must be the number of training images"
             )
+        if x.size(0) == 0:
+            raise ValueError(f"x must have at least one row, got shape {tuple(x.shape)}")
         if not all_finite(x):
             raise ValueError("x contains NaN or infinite values")
 

@@ -115,6 +115,8 @@ class _HiddenLayerMLP(nn.Module):
                 f"the batch has {x.size(0)} rows but dataset_size is {self.dataset_size}: "
                 "dataset_size must be the size of the whole training set"
             )
+        if x.size(0) == 0:
+            raise ValueError(f"x must have at least one row, got shape {tuple(x.shape)}")
         if not all_finite(x):
             raise ValueError("x contains NaN or infinite values")
 

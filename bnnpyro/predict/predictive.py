@@ -157,6 +157,8 @@ def sample_predictive(
     """
     if not torch.is_tensor(x):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dim() == 0 or len(x) == 0:
+        raise ValueError(f"x must have at least one row (its first dim), got shape {tuple(x.shape)}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     grow_to = None
