@@ -50,12 +50,36 @@ def make_unique(guide: nn.Module) -> nn.Module:
     return guide
 
 
+def _reference_tensor(model: nn.Module) -> torch.Tensor:
+    """A floating-point parameter or buffer of ``model``: its dtype and device are the model's."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if not tensors:
+        raise TypeError(f"{type(model).__name__} has no floating-point parameters or buffers")
+    return tensors[0]
+
+
+def _dtype_name(model: nn.Module) -> str:
+    """The floating-point dtype of ``model``'s parameters and buffers, e.g. ``"float64"``."""
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    if len(dtypes) != 1:
+        raise ValueError(f"cannot save a model whose tensors mix dtypes {sorted(map(str, dtypes))}: give it one dtype")
+    return str(dtypes.pop()).removeprefix("torch.")
+
+
+def _dtype(name: object) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"the checkpoint names an unknown floating-point dtype {name!r}")
+    return dtype
+
+
 def _dummy_batch(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """One observed data point of the right shapes, to build an autoguide's parameters."""
-    x = torch.zeros(1, model.in_features)
+    """One observed data point of the right shapes, dtype and device, to build an autoguide's parameters."""
+    like = _reference_tensor(model)
+    x = like.new_zeros(1, model.in_features)
     if model.likelihood == "classification":
-        return x, torch.zeros(1, dtype=torch.long)
-    return x, torch.zeros(1) if model.out_features == 1 else torch.zeros(1, model.out_features)
+        return x, torch.zeros(1, dtype=torch.long, device=like.device)
+    return x, like.new_zeros(1) if model.out_features == 1 else like.new_zeros(1, model.out_features)
 
 
 def save(path: str | os.PathLike, model: nn.Module, guide: nn.Module | None = None) -> None:
@@ -69,7 +93,12 @@ def save(path: str | os.PathLike, model: nn.Module, guide: nn.Module | None = No
         ``AutoDiagonalNormal`` or ``AutoLowRankMultivariateNormal``), or ``None``.
 
     The file holds only tensors, strings, numbers and lists, so it loads with
-    ``torch.load(path, weights_only=True)``.
+    ``torch.load(path, weights_only=True)``. It records the model's floating-point dtype, and
+    :func:`load` rebuilds the model in it (a float64 model comes back float64, bit for bit).
+
+    :raises TypeError: ``model`` or ``guide`` is not of a supported class.
+    :raises ValueError: the model was built with a callable ``non_linearity``, its tensors mix
+        dtypes, or the guide has not been run yet.
     """
     name = type(model).__name__
     if name not in _model_classes() or not hasattr(model, "config"):
@@ -81,6 +110,7 @@ def save(path: str | os.PathLike, model: nn.Module, guide: nn.Module | None = No
         "version": FORMAT_VERSION,
         "model_class": name,
         "config": dict(model.config),
+        "dtype": _dtype_name(model),
         "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "guide_class": None,
         "guide_config": {},
@@ -123,6 +153,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device | None = None
         raise ValueError(f"unknown model class {payload.get('model_class')!r} in {os.fspath(path)!r}")
     try:
         model = classes[payload["model_class"]](**payload["config"])
+        if "dtype" in payload:  # written since 2026-11-25; earlier checkpoints hold default-dtype models
+            model = model.to(_dtype(payload["dtype"]))
         model.load_state_dict(payload["model_state"], strict=True)
     except (TypeError, RuntimeError, KeyError) as e:
         raise ValueError(f"checkpoint {os.fspath(path)!r} does not match its model configuration: {e}") from e

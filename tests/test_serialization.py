@@ -114,3 +114,67 @@ def test_autoguide_round_trip(tmp_path, guide_name):
     poutine.trace(net2).get_trace(x, x.sum(-1))
     assert pyro.param(f"{net2._param_prefix}.sigma").item() == pytest.approx(saved_sigma)
     assert net.sigma.item() != pytest.approx(saved_sigma)
+
+
+def _float64_models():
+    from bnnpyro.models import BayesianCNNClassifier, BayesianLSTMClassifier, BayesianLSTMLanguageModel
+
+    return [
+        lambda: BayesianMLPRegressor(3, hidden=(8,), dataset_size=10),
+        lambda: BayesianMLPClassifier(3, 4, hidden=(8,), dataset_size=10),
+        lambda: BayesianCNNClassifier(num_classes=3, image_size=8, channels=(2, 2), hidden=(4,), dataset_size=10),
+        lambda: BayesianLSTMClassifier(num_classes=3, hidden_size=4, input_size=2, dataset_size=10),
+        lambda: BayesianLSTMLanguageModel(20, 4, 5, dataset_size=10),
+    ]
+
+
+@pytest.mark.parametrize("make", _float64_models())
+def test_float64_models_round_trip_exactly(tmp_path, make):
+    """A float64 model comes back float64 with every parameter bit for bit (it was loaded into a
+    default-dtype model, float32, and silently rounded)."""
+    m = make().to(torch.float64)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1e-12 * torch.randn_like(p))  # below float32 resolution
+    bnnpyro.save(tmp_path / "m.pt", m)
+    loaded = bnnpyro.load(tmp_path / "m.pt")
+    state = loaded.state_dict()
+    for k, v in m.state_dict().items():
+        assert state[k].dtype == v.dtype and torch.equal(state[k], v), k
+
+
+def test_float64_autoguide_round_trip_reproduces_predictions(tmp_path):
+    from pyro.infer.autoguide import AutoNormal
+
+    from bnnpyro.nn import BayesianMLP
+
+    x = torch.randn(20, 3, dtype=torch.float64)
+    net = BayesianMLP(3, 1, hidden=(6,), dataset_size=20, dtype=torch.float64)
+    guide = AutoNormal(net)
+    fit(net, guide, (x, x.sum(-1)), epochs=3, seed=0, progress=False)
+    pyro.set_rng_seed(3)
+    ref = sample_predictive(net, guide, x, 10)["f"]
+    bnnpyro.save(tmp_path / "g.pt", net, guide)
+    net2, guide2 = bnnpyro.load(tmp_path / "g.pt")
+    pyro.set_rng_seed(3)
+    f = sample_predictive(net2, guide2, x, 10)["f"]
+    assert f.dtype == torch.float64
+    torch.testing.assert_close(f, ref, rtol=0, atol=0)
+
+
+def test_checkpoints_without_a_dtype_load_as_default_dtype_and_mixed_dtypes_refuse_to_save(tmp_path):
+    m = BayesianMLPRegressor(3, hidden=(8,), dataset_size=10)
+    bnnpyro.save(tmp_path / "m.pt", m)
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert payload["dtype"] == "float32"
+    del payload["dtype"]  # as written before the dtype was recorded
+    torch.save(payload, tmp_path / "old.pt")
+    loaded = bnnpyro.load(tmp_path / "old.pt")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in m.state_dict().items())
+    payload["dtype"] = "int64"
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="unknown floating-point dtype 'int64'"):
+        bnnpyro.load(tmp_path / "bad.pt")
+    m.A_mean[0].data = m.A_mean[0].data.double()
+    with pytest.raises(ValueError, match=r"mix dtypes \['torch.float32', 'torch.float64'\]"):
+        bnnpyro.save(tmp_path / "mixed.pt", m)
