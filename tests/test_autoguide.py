@@ -82,3 +82,50 @@ def test_two_guides_never_share_parameters_by_default():
         a.locs.w.fill_(1.0)
     assert torch.equal(b.locs.w, torch.zeros(3, 4))
     assert len([k for k in pyro.get_param_store().keys() if k.endswith("locs.w")]) == 2
+
+
+@pytest.mark.parametrize("prior_scale", [1.0, "fan_in"])
+def test_bayesian_linear_prior_is_the_normal_event_it_stands_for(prior_scale):
+    """BayesianLinear's Normal prior is a FactorizedNormal (its log density a norm, one pass): the
+    log density of any weights, batched or not, and its gradient equal those of
+    ``Normal(0, s).expand(shape).to_event(2)``; so do the MC and closed-form ELBOs of the model."""
+    from bnnpyro.nn import BayesianMLP
+    from bnnpyro.nn.linear import BayesianLinear
+
+    layer = BayesianLinear(5, 3, prior_scale=prior_scale)
+    s = 1.0 if prior_scale == 1.0 else 5 ** -0.5
+    for shape in [(3, 5), (7, 1, 3, 5)]:
+        w = torch.randn(shape, requires_grad=True)
+        prior = layer.prior_distribution((3, 5))
+        reference = dist.Normal(0.0, s).expand([3, 5]).to_event(2)
+        (g,) = torch.autograd.grad(prior.log_prob(w).sum(), w)
+        (g_ref,) = torch.autograd.grad(reference.log_prob(w).sum(), w)
+        torch.testing.assert_close(prior.log_prob(w), reference.log_prob(w))
+        torch.testing.assert_close(g, g_ref)
+    # the ELBO of a whole BayesianMLP under Pyro's AutoNormal (Monte Carlo KL through the prior's
+    # log density) against the same network built with Normal(...).to_event priors, same draws
+    pyro.clear_param_store()
+    x, y = torch.randn(10, 4), torch.randn(10)
+    original = BayesianLinear.prior_distribution
+
+    def to_event_prior(self, shape):
+        d = original(self, shape)
+        return dist.Normal(d.loc, d.scale).expand(torch.Size(shape)).to_event(len(shape))
+
+    nets, guides = [], []
+    for prior_distribution in (original, to_event_prior):
+        BayesianLinear.prior_distribution = prior_distribution  # bound when the layers are built
+        try:
+            nets.append(BayesianMLP(4, 1, hidden=(6,), dataset_size=20, prior_scale=prior_scale))
+        finally:
+            BayesianLinear.prior_distribution = original
+        guides.append(make_unique(AutoNormal(nets[-1])))
+        guides[-1](x, y)
+    guides[1].load_state_dict(guides[0].state_dict())
+    trace = pyro.poutine.trace(nets[1]).get_trace(x, y)
+    assert isinstance(trace.nodes["layers.0.weight"]["fn"], dist.Independent)
+    losses = []
+    for net, guide in zip(nets, guides):
+        pyro.set_rng_seed(1)
+        losses.append(TraceMeanField_ELBO().loss(net, guide, x, y))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

@@ -17,11 +17,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from pyro.distributions import Normal
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.nn import PyroModule, PyroSample
 from torch import Tensor
 
+from bnnpyro.distributions.factorized_normal import FactorizedNormal
 from bnnpyro.distributions.priors import Prior, ScaleMixtureNormal
 
 _PRIOR_FIELDS = {"normal": ("mean", "scale"), "scale_mixture": ("pi", "sigma1", "sigma2")}
@@ -111,9 +111,13 @@ class BayesianLinear(PyroModule):
     def prior_distribution(self, shape: torch.Size | tuple[int, ...]) -> TorchDistribution:
         """The prior over a tensor of ``shape``, as one event, on the buffers' device and dtype."""
         params = [getattr(self, f"_prior_{field}") for field in _PRIOR_FIELDS[self.prior.kind]]
-        family = Normal if self.prior.kind == "normal" else ScaleMixtureNormal
+        shape = torch.Size(shape)
         # the buffers were validated by Prior; skipping validation avoids a device sync per draw
-        return family(*params, validate_args=False).expand(torch.Size(shape)).to_event(len(shape))
+        if self.prior.kind == "normal":
+            # Pyro computes every model site's log density, even where TraceMeanField_ELBO then uses
+            # the KL: as one event over the tensor it is a norm (one pass, no out x in temporaries)
+            return FactorizedNormal(*params, shape, validate_args=False)
+        return ScaleMixtureNormal(*params, validate_args=False).expand(shape).to_event(len(shape))
 
     def forward(self, x: Tensor) -> Tensor:
         """
