@@ -364,3 +364,18 @@ def test_text_errors(tmp_path):
         load_text(name="wikitext")
     (tmp_path / "t.txt").write_text("hello", encoding="utf-8")
     assert load_text(tmp_path / "t.txt") == "hello"
+
+
+def test_sample_predictive_runs_the_classifier_one_draw_at_a_time():
+    """The fused LSTM kernel takes 2-D weights: sample_predictive's vectorized pass fails with a
+    hint naming the LSTM models and ``vectorize=False``, which then gives ``S x B x C`` logits whose
+    draws differ, each the output layer's draw on one LSTM weight draw."""
+    from bnnpyro import sample_predictive
+
+    m = _token_classifier()
+    x = torch.randint(0, 7, (6, 5))
+    with pytest.raises(RuntimeError, match="(?s)the Bayesian LSTM models.*pass vectorize=False"):
+        sample_predictive(m.model, m.guide, x, 4)
+    f = sample_predictive(m.model, m.guide, x, 4, vectorize=False)["f"]
+    assert f.shape == (4, 6, 3)
+    assert not torch.allclose(f[0], f[1])

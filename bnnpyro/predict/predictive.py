@@ -185,7 +185,8 @@ def sample_predictive(
                 raise RuntimeError(
                     f"{e}\n\nsample_predictive: the vectorized pass over {num_samples} weight draws failed. If "
                     "the model's layers take one weight draw at a time (e.g. convolutions converted by "
-                    "bnnpyro.nn.to_bayesian), pass vectorize=False."
+                    "bnnpyro.nn.to_bayesian, or the Bayesian LSTM models, whose fused kernel takes 2-D "
+                    "weights; those also have get_logits/predict), pass vectorize=False."
                 ) from e
             extra = {
                 name: value.reshape((num_samples,) + value.shape[max_plate_nesting + 1 :])
