@@ -98,6 +98,12 @@ def test_errors(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="looked in") as info:
         load_uci("no-such-data-set")
     assert str(tmp_path) in str(info.value) and str(BUNDLED) in str(info.value)
+    assert "Available there: " in str(info.value) and "yacht" in str(info.value)
+
+
+def test_a_path_to_a_data_set_folder_loads_it():
+    s = load_uci(str(BUNDLED / "yacht"), split=3)
+    torch.testing.assert_close(s.x_train, load_uci("yacht", split=3).x_train)
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/uci not present")

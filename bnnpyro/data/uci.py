@@ -85,15 +85,21 @@ def _search_roots() -> list[Path]:
 
 
 def _dataset_dir(name: str, root: str | os.PathLike | None) -> Path:
-    """Folder of ``name`` under ``root``, or under the first default root that has it."""
+    """Folder of ``name`` under ``root``, or under the first default root that has it; ``name``
+    may also be a path to the folder itself (more than a bare name, with no ``root``)."""
+    path = Path(name)
+    if root is None and (len(path.parts) > 1 or path.is_absolute()) and (path / "data.txt").is_file():
+        return path
     roots = [Path(root)] if root is not None else _search_roots()
     for r in roots:
         if (r / name / "data.txt").is_file():
             return r / name
     looked = ", ".join(str(r / name) for r in roots)
+    available = list_uci(root)
     raise FileNotFoundError(
         f"UCI data set {name!r} not found; looked in: {looked}. "
-        f"Pass root=<folder holding data-set folders> or set ${_ENV_VAR}."
+        + (f"Available there: {', '.join(available)}. " if available else "")
+        + f"Pass root=<folder holding data-set folders> or set ${_ENV_VAR}."
     )
 
 
@@ -128,7 +134,8 @@ def load_uci(name: str, split: int = 0, root: str | os.PathLike | None = None) -
     """Load split ``split`` of UCI data set ``name``, standardized with training statistics.
 
     Args:
-        name: folder name, e.g. ``"yacht"``, ``"energy"``, ``"concrete"``.
+        name: folder name, e.g. ``"yacht"``, ``"energy"``, ``"concrete"`` (:func:`list_uci` lists
+            those found), or a path to a data-set folder (``"../shared/data/uci/yacht"``).
         split: split index in ``0 .. n_splits - 1``.
         root: folder holding data-set folders. ``None`` searches, in order, the
             bundled ``bnnpyro/data/uci/``, ``../shared/data/uci`` (relative to the
