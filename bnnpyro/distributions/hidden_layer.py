@@ -95,9 +95,9 @@ class _LocalReparameterizationSample(torch.autograd.Function):
     single autograd node: the forward keeps only ``r = eps / std`` (``... x H``) beside the inputs,
     and the backward, with ``u = g * r`` (twice the gradient of the variance),
 
-    .. math:: \partial A_\mu = X^	op g,\quad
-              \partial A_\sigma = A_\sigma \odot (X^{\odot 2})^	op u,\quad
-              \partial X = g A_\mu^	op + X \odot (u\, (A_\sigma^{\odot 2})^	op),
+    .. math:: \partial A_\mu = X^\top g,\quad
+              \partial A_\sigma = A_\sigma \odot (X^{\odot 2})^\top u,\quad
+              \partial X = g A_\mu^\top + X \odot (u\, (A_\sigma^{\odot 2})^\top),
 
     four matmuls and two passes over the pre-activations (against five for ``addcmul`` over
     :class:`_PreActivationStd`). ``eps`` must have the shape of ``X @ A_mean``.
