@@ -25,14 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train a Bayesian MLP regressor with SVI on a UCI regression set (standard protocol: "
             "one hidden layer of 50 ReLU units, fixed 90/10 split, standardized data) and print "
-            "test RMSE, test log-likelihood, 95%% interval coverage and mean interval width in "
+            "test RMSE, test log-likelihood, 95% interval coverage and mean interval width in "
             "the target's original units; write a predicted-vs-true plot."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--data", default=DEFAULT_DATA,
                         help="UCI data set name: bundled concrete, energy, yacht; or any folder "
-                             "under --root (e.g. ../shared/data/uci)")
+                             "under --root (e.g. ../shared/data/uci); or a path to a data-set folder")
     parser.add_argument("--root", default=None, help="directory holding UCI data-set folders")
     parser.add_argument("--split", type=int, default=0, help="which of the fixed splits (0-19)")
     parser.add_argument("--model", default="mlp", choices=["mlp"], help="catalogue model")
