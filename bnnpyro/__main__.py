@@ -19,6 +19,31 @@ from pyro.infer import TraceMeanField_ELBO
 DEFAULT_DATA = "concrete"
 
 
+def _positive(kind: type):
+    """An argparse ``type`` accepting numbers of ``kind`` above zero."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _level(text: str) -> float:
+    """An argparse ``type`` for a credible level in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a float, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bnnpyro",
@@ -41,13 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "autoguide over bnnpyro.nn.BayesianMLP: auto-normal = "
                              "bnnpyro.infer.AnalyticAutoNormal (AutoNormal with closed-form KL), "
                              "auto-lowrank = AutoLowRankMultivariateNormal")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[50], help="hidden layer widths")
-    parser.add_argument("--epochs", type=int, default=400, help="passes over the training set")
-    parser.add_argument("--batch-size", type=int, default=32, help="minibatch size")
-    parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
-    parser.add_argument("--prior-scale", type=float, default=1.0, help="std of the Normal weight prior")
-    parser.add_argument("--num-samples", type=int, default=500, help="posterior predictive samples")
-    parser.add_argument("--level", type=float, default=0.95, help="credible interval level")
+    parser.add_argument("--hidden", type=_positive(int), nargs="+", default=[50], help="hidden layer widths")
+    parser.add_argument("--epochs", type=_positive(int), default=400, help="passes over the training set")
+    parser.add_argument("--batch-size", type=_positive(int), default=32, help="minibatch size")
+    parser.add_argument("--lr", type=_positive(float), default=1e-2, help="Adam learning rate")
+    parser.add_argument("--prior-scale", type=_positive(float), default=1.0, help="std of the Normal weight prior")
+    parser.add_argument("--num-samples", type=_positive(int), default=500, help="posterior predictive samples")
+    parser.add_argument("--level", type=_level, default=0.95, help="credible interval level")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--plot", default="bnnpyro_predictions.png",
@@ -81,7 +106,8 @@ def _build(args, d, N):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,8 +120,12 @@ def main(argv: list[str] | None = None) -> int:
 
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
-    d = load_uci(args.data, split=args.split, root=args.root)
-    dev = torch.device(args.device)
+    try:
+        d = load_uci(args.data, split=args.split, root=args.root)
+        dev = torch.device(args.device)
+        torch.empty(0, device=dev)  # an unavailable device fails here, not after loading the data
+    except (FileNotFoundError, ValueError, RuntimeError, AssertionError) as e:  # bad --data, --split, --device
+        parser.error(f"{e}" if str(e) else f"device {args.device!r} is not available")
     x_train, y_train = d.x_train.to(dev), d.y_train.to(dev)
     x_test, y_test = d.x_test.to(dev), d.y_test.to(dev)
     N = len(x_train)

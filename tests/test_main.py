@@ -1,5 +1,6 @@
 """The main job (`bnnpyro` / `python -m bnnpyro`) runs end to end with small settings."""
 
+import re
 import subprocess
 import sys
 
@@ -35,3 +36,20 @@ def test_help_documents_the_options():
     for option in ("--data", "--split", "--model", "--guide", "--epochs", "--seed", "--device", "--plot"):
         assert option in out
     assert "95% interval coverage" in out and "%%" not in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "no-such-set"], "UCI data set 'no-such-set' not found"),
+    (["--split", "30"], "split must be in 0..19"),
+    (["--device", "gpu0"], "Invalid device string"),
+    (["--epochs", "0"], "argument --epochs: must be positive, got 0"),
+    (["--level", "1.5"], r"argument --level: must be in \(0, 1\), got 1.5"),
+    (["--lr", "abc"], "argument --lr: expected a float, got 'abc'"),
+    (["--hidden", "50", "0"], "argument --hidden: must be positive, got 0"),
+])
+def test_bad_arguments_exit_with_a_usage_error(args, message, capsys):
+    """A bad option ends with argparse's usage error (exit status 2) naming it, not a traceback."""
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
