@@ -112,3 +112,5 @@ def test_plot_errors():
         plot_predictive_band(torch.zeros(30, 2), y, y, y - 1, y + 1)
     with pytest.raises(ValueError, match="lower must not exceed upper"):
         plot_predicted_vs_true(y, y, y + 1, y - 1)
+    with pytest.raises(ValueError, match="lower must not exceed upper"):
+        plot_predictive_band(x, y, y, y + 1, y - 1)

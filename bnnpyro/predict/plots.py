@@ -16,7 +16,7 @@ import torch
 from matplotlib.axes import Axes
 from torch import Tensor
 
-from bnnpyro.predict.metrics import auroc, calibration_curve, expected_calibration_error, picp, rmse
+from bnnpyro.predict.metrics import _check_interval, auroc, calibration_curve, expected_calibration_error, picp, rmse
 from bnnpyro.predict.summary import _check_same_shape, _check_tensor
 
 
@@ -77,6 +77,7 @@ def plot_predictive_band(
     _check_same_shape(mean, "mean", x_pred, "x_test" if x_test is not None else "x")
     _check_same_shape(lower, "lower", mean, "mean")
     _check_same_shape(upper, "upper", mean, "mean")
+    _check_interval(lower, upper)
     if y_test is not None:
         if x_test is None:
             raise ValueError("y_test needs x_test")
