@@ -205,6 +205,19 @@ def test_bad_arguments():
         sample_predictive(m.model, m.guide, torch.randn(3, 2), 2, return_sites=["nope"])
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_a_model_output_without_a_width_dim_is_named(vectorize):
+    """f must be B x W (the chunks are joined along dim -2): a model returning f of shape B is
+    told so, instead of failing inside torch.cat or being joined along the wrong dim."""
+    m = BayesianMLPRegressor(2, dataset_size=10)
+
+    def model(x, y=None):
+        return m.model(x, y).squeeze(-1)
+
+    with pytest.raises(ValueError, match=r"f as B x W .* got shape \([0-9, ]+\) for 3 rows"):
+        sample_predictive(model, m.guide, torch.randn(3, 2), 4, vectorize=vectorize)
+
+
 def test_argument_checks_run_on_the_first_chunk_and_x_is_checked_up_front():
     """With validation on, the distributions' checks run on the first pass only (the later ones
     differ from it only in rows of x), and a NaN in any row of x is still reported, by row."""

@@ -247,6 +247,11 @@ def _predictive_pass(
             kept = [*global_values.values(), *extra.values()]
         if not torch.is_tensor(f):
             raise TypeError("the model must return the network output f as a tensor")
+        if f.dim() < 2 or f.size(-2) != len(chunk):
+            raise ValueError(
+                f"the model must return the network output f as B x W (rows at dim -2): got shape "
+                f"{tuple(f.shape)} for {len(chunk)} rows of x; for one output return f.unsqueeze(-1)"
+            )
         if sampling is not None:
             for value in (*kept, f):  # kept beyond this chunk: its storage is not handed on
                 sampling.release(value)
