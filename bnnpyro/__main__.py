@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Callable
 
 import pyro
 import torch
@@ -19,9 +20,9 @@ from pyro.infer import TraceMeanField_ELBO
 DEFAULT_DATA = "concrete"
 
 
-def _positive(kind: type):
+def _positive(kind: type) -> Callable[[str], int | float]:
     """An argparse ``type`` accepting numbers of ``kind`` above zero."""
-    def parse(text: str):
+    def parse(text: str) -> int | float:
         try:
             value = kind(text)
         except ValueError:

@@ -61,9 +61,9 @@ def _reference_tensor(model: nn.Module) -> torch.Tensor:
 def _dtype_name(model: nn.Module) -> str:
     """The floating-point dtype of ``model``'s parameters and buffers, e.g. ``"float64"``."""
     dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
-    if len(dtypes) != 1:
+    if len(dtypes) > 1:
         raise ValueError(f"cannot save a model whose tensors mix dtypes {sorted(map(str, dtypes))}: give it one dtype")
-    return str(dtypes.pop()).removeprefix("torch.")
+    return str(dtypes.pop() if dtypes else torch.get_default_dtype()).removeprefix("torch.")
 
 
 def _dtype(name: object) -> torch.dtype:
