@@ -261,17 +261,18 @@ class _BayesianLSTMNet(nn.Module):
     def _check_x(self, x: Tensor) -> None:
         if not torch.is_tensor(x):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if self.vocab_size is None and not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor (B x T x {self.input_size}), got dtype {x.dtype}")
-        check_like("x", x, self.out_mean)
         if self.vocab_size is not None:
             if x.dtype != torch.long:
                 raise TypeError(f"x must be an int64 tensor of token ids (B x T), got dtype {x.dtype}")
+            check_like("x", x, self.out_mean)
             if x.dim() != 2 or 0 in x.shape:
                 raise ValueError(f"x must be B x T token ids, got shape {tuple(x.shape)}")
             if x.min() < 0 or x.max() >= self.vocab_size:
                 raise ValueError(f"x holds ids in [{int(x.min())}, {int(x.max())}], expected [0, {self.vocab_size})")
         else:
+            if not x.is_floating_point():
+                raise TypeError(f"x must be a floating-point tensor (B x T x {self.input_size}), got dtype {x.dtype}")
+            check_like("x", x, self.out_mean)
             if x.dim() != 3 or x.size(-1) != self.input_size or 0 in x.shape:
                 raise ValueError(f"x must be B x T x {self.input_size}, got shape {tuple(x.shape)}")
             if not all_finite(x):
