@@ -226,7 +226,7 @@ def _predictive_pass(
     outputs = []
     extra: dict[str, Tensor] = {}
     start = 0
-    while start == 0 or start < len(x):  # one pass for an empty x
+    while start < len(x):
         chunk = x[start : start + chunk_size]
         first = start == 0
         start += chunk_size
