@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -178,7 +179,8 @@ def fit(
     A :class:`pyro.optim.PyroLRScheduler` ``optim`` (e.g. ``pyro.optim.ExponentialLR``) is
     stepped once at the end of every epoch.
 
-    :param validation_fn: ``validation_fn(epoch) -> float``, lower is better.
+    :param validation_fn: ``validation_fn(epoch) -> float``, lower is better; a NaN never
+        improves (and warns).
     :param int validate_every: validate after every this many epochs. Default 1.
     :param patience: stop after this many validations without improvement
         and restore the best parameters; requires ``validation_fn``.
@@ -270,6 +272,9 @@ def fit(
 
             if validation_fn is not None and (epoch + 1) % validate_every == 0:
                 value = float(validation_fn(epoch))
+                if math.isnan(value):
+                    warnings.warn(f"validation_fn returned NaN after epoch {epoch}: it never counts as an "
+                                  "improvement (has training diverged?)", RuntimeWarning, stacklevel=2)
                 history.validation.append(value)
                 postfix["val"] = value
                 if value < best_value:
