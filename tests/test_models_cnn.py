@@ -101,3 +101,50 @@ def test_bad_input():
         BayesianCNNClassifier(estimator="dropout")
     with pytest.raises(ValueError, match="too small"):
         BayesianCNNClassifier(image_size=4, channels=(2, 2, 2))
+
+
+def test_the_model_reuses_the_guides_pooling_of_replayed_draws(monkeypatch):
+    """Under replay the model gets the guide's conv draws (the same tensors) and takes their pooled
+    values from the guide's pass instead of pooling again; with any other draw (the prior
+    predictive, or a draw the guide did not make) it pools itself. Same values either way."""
+    import bnnpyro.models.cnn as cnn
+
+    calls = []
+    pool = cnn._max_pool
+    monkeypatch.setattr(cnn, "_max_pool", lambda h: calls.append(h.shape) or pool(h))
+    m = _small(dataset_size=100)
+    x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 10, (5,))
+    guide_trace = poutine.trace(m.guide).get_trace(x, y)
+    assert len(calls) == 2  # the guide's two conv blocks
+    f = poutine.replay(m.model, trace=guide_trace)(x, y)
+    assert len(calls) == 2  # the model pooled nothing
+    assert cnn._GUIDE_POOLED[m] == []  # what the model took is not kept
+    # the same draws as different tensors: pooled by the model, to the same values
+    trace_copy = guide_trace.copy()
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample":
+            trace_copy.nodes[name] = {**site, "value": site["value"].clone()}
+    torch.testing.assert_close(poutine.replay(m.model, trace=trace_copy)(x, y), f, rtol=0, atol=0)
+    assert len(calls) == 4
+    # the prior predictive: the model alone
+    assert m.model(x).shape == (5, 10) and len(calls) == 6
+
+
+def test_reusing_the_pooling_changes_no_loss():
+    """svi.step losses with the model pooling for itself and with the reuse are identical."""
+    import bnnpyro.models.cnn as cnn
+
+    class Pooling(BayesianCNNClassifier):
+        @staticmethod
+        def _pool(draw, pooled, variational):
+            return cnn._max_pool(draw)
+
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    losses = []
+    for cls in (BayesianCNNClassifier, Pooling):
+        torch.manual_seed(0)
+        m = cls(num_classes=10, image_size=8, channels=(4, 6), hidden=(12,), dataset_size=100)
+        svi = SVI(m.model, m.guide, pyro.optim.Adam({"lr": 1e-2}), TraceMeanField_ELBO())
+        pyro.set_rng_seed(1)
+        losses.append([svi.step(x, y) for _ in range(3)])
+    assert losses[0] == losses[1]
