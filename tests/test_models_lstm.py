@@ -379,3 +379,50 @@ def test_sample_predictive_runs_the_classifier_one_draw_at_a_time():
     f = sample_predictive(m.model, m.guide, x, 4, vectorize=False)["f"]
     assert f.shape == (4, 6, 3)
     assert not torch.allclose(f[0], f[1])
+
+
+@pytest.mark.parametrize("make, kwargs, reused", [
+    (_token_classifier, {}, True),
+    (_float_classifier, {}, True),
+    (_lm, {"output_estimator": "local_reparameterization"}, True),
+    (_token_classifier, {"estimator": "flipout"}, False),  # the guide's output is not the plain LSTM's
+    (_lm, {"output_estimator": "local_reparameterization", "dropout": 0.3}, False),  # dropout masks differ
+])
+def test_the_model_reuses_the_guides_lstm_pass_of_replayed_weights(monkeypatch, make, kwargs, reused):
+    """Under replay the model gets the guide's weight draws (the same tensors) on the same x and,
+    when the guide's output is the plain LSTM of those draws, takes it instead of running the
+    LSTM again; otherwise, and for the prior predictive, it runs the LSTM itself. The losses are
+    the same as with the model running it every time."""
+    import bnnpyro.models.lstm as lstm_models
+
+    calls = []
+    forward = lstm_models.lstm_forward
+    monkeypatch.setattr(lstm_models, "lstm_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    m = make(**kwargs)
+    x, y = _data(m)
+    guide_trace = poutine.trace(m.guide).get_trace(x, y)
+    guide_runs = len(calls)
+    poutine.replay(m.model, trace=guide_trace)(x, y)
+    assert len(calls) - guide_runs == (0 if reused else 1)
+    assert m.encoder not in lstm_models._GUIDE_PASS  # nothing kept once the model took it
+    m.model(x)  # the prior predictive runs the LSTM
+    assert len(calls) - guide_runs == (1 if reused else 2)
+
+
+def test_reusing_the_lstm_pass_changes_no_loss():
+    import bnnpyro.models.lstm as lstm_models
+
+    class Running(BayesianLSTMClassifier):
+        def _guide_outputs(self, x):
+            return self.encoder.run(self.posterior.sample(), x, training=self.training)[0]
+
+    losses = []
+    for cls in (BayesianLSTMClassifier, Running):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        m = cls(num_classes=3, hidden_size=4, dataset_size=N, vocab_size=7, embedding_dim=5)
+        x, y = _data(m)
+        svi = SVI(m.model, m.guide, pyro.optim.Adam({"lr": 1e-2}), TraceMeanField_ELBO())
+        losses.append([svi.step(x, y) for _ in range(3)])
+        assert m.encoder not in lstm_models._GUIDE_PASS
+    assert losses[0] == losses[1]

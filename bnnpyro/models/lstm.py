@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from typing import Mapping
 
 import pyro
@@ -103,6 +104,13 @@ class _SoftmaxCategorical(TorchDistribution):
         return -nll.view(shape)
 
 
+# per encoder, its guide's last pass as (x, {site: weight draw}, output), recorded when that output
+# is exactly the encoder's own function of those tensors (no flipout centring, no dropout draw): the
+# model's pass, which under replay gets the same draws (the same tensors) on the same x, takes the
+# output from here instead of running the LSTM again; any other draw runs it
+_GUIDE_PASS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _append_ones(h: Tensor) -> Tensor:
     """``... x H`` -> ``... x (H + 1)``: a column of ones, so that the output layer's last weight row is a bias."""
     return torch.cat([h, h.new_ones(h.shape[:-1] + (1,))], dim=-1)
@@ -137,8 +145,24 @@ class _SequenceEncoder(PyroModule):
         return shapes
 
     def forward(self, x: Tensor) -> Tensor:
-        inputs = x if self.embedding is None else self.embedding(x)
-        return self.lstm(inputs)[0]
+        """Samples every weight from its prior and returns ``run(weights, x)``'s output (see
+        ``_GUIDE_PASS`` for when the guide's pass supplies it)."""
+        weights = {} if self.embedding is None else {"embedding.weight": self.embedding.weight}
+        weights.update({f"lstm.{name}": getattr(self.lstm, name) for name in self.lstm.weight_shapes})
+        guide_pass = _GUIDE_PASS.pop(self, None)
+        if guide_pass is not None and guide_pass[0] is x and all(w is guide_pass[1][k] for k, w in weights.items()):
+            return guide_pass[2]
+        return self.run(weights, x, training=self.training)[0]
+
+    def guide_pass(self, weights: Mapping[str, Tensor], x: Tensor, centre: Mapping[str, Tensor] | None) -> Tensor:
+        """``run(weights, x, self.training, centre=centre)``'s output, recorded for the model's pass
+        when it is the encoder's own function of ``weights`` and ``x``."""
+        out = self.run(weights, x, training=self.training, centre=centre)[0]
+        if centre is None and not (self.training and self.lstm.dropout > 0):
+            _GUIDE_PASS[self] = (x, dict(weights), out)
+        else:
+            _GUIDE_PASS.pop(self, None)
+        return out
 
     def run(
         self, weights: Mapping[str, Tensor], x: Tensor, training: bool, hx: LSTMState | None = None,
@@ -318,7 +342,7 @@ class _BayesianLSTMNet(nn.Module):
     def _guide_outputs(self, x: Tensor) -> Tensor:
         """``B x T x H`` LSTM outputs under the guide's weight sites, by ``self.estimator``."""
         centre = self.posterior.means() if self.estimator == "flipout" else None
-        return self.encoder.run(self.posterior.sample(), x, training=self.training, centre=centre)[0]
+        return self.encoder.guide_pass(self.posterior.sample(), x, centre)
 
     def _sampled_outputs(self, x: Tensor, num_predictions: int) -> Tensor:
         """``S x B x T x H`` LSTM outputs, one posterior weight draw per ``s`` (dropout off)."""
