@@ -150,7 +150,7 @@ class _SequenceEncoder(PyroModule):
         weights = {} if self.embedding is None else {"embedding.weight": self.embedding.weight}
         weights.update({f"lstm.{name}": getattr(self.lstm, name) for name in self.lstm.weight_shapes})
         guide_pass = _GUIDE_PASS.pop(self, None)
-        if guide_pass is not None and guide_pass[0] is x and all(w is guide_pass[1][k] for k, w in weights.items()):
+        if guide_pass is not None and guide_pass[0] is x and all(w is guide_pass[1].get(k) for k, w in weights.items()):
             return guide_pass[2]
         return self.run(weights, x, training=self.training)[0]
 
