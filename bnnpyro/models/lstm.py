@@ -150,8 +150,10 @@ class _SequenceEncoder(PyroModule):
         weights = {} if self.embedding is None else {"embedding.weight": self.embedding.weight}
         weights.update({f"lstm.{name}": getattr(self.lstm, name) for name in self.lstm.weight_shapes})
         guide_pass = _GUIDE_PASS.pop(self, None)
-        if guide_pass is not None and guide_pass[0] is x and all(w is guide_pass[1].get(k) for k, w in weights.items()):
-            return guide_pass[2]
+        if guide_pass is not None:
+            guide_x, guide_weights, output = guide_pass
+            if guide_x is x and all(w is guide_weights.get(k) for k, w in weights.items()):
+                return output
         return self.run(weights, x, training=self.training)[0]
 
     def guide_pass(self, weights: Mapping[str, Tensor], x: Tensor, centre: Mapping[str, Tensor] | None) -> Tensor:
