@@ -150,7 +150,7 @@ class _SequenceEncoder(PyroModule):
         weights = {} if self.embedding is None else {"embedding.weight": self.embedding.weight}
         weights.update({f"lstm.{name}": getattr(self.lstm, name) for name in self.lstm.weight_shapes})
         guide_pass = _GUIDE_PASS.pop(self, None)
-        if guide_pass is not None:
+        if guide_pass is not None and not (self.training and self.lstm.dropout > 0):
             guide_x, guide_weights, output = guide_pass
             if guide_x is x and all(w is guide_weights.get(k) for k, w in weights.items()):
                 return output
