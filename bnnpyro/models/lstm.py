@@ -107,7 +107,8 @@ class _SoftmaxCategorical(TorchDistribution):
 # per encoder, its guide's last pass as (x, {site: weight draw}, output), recorded when that output
 # is exactly the encoder's own function of those tensors (no flipout centring, no dropout draw): the
 # model's pass, which under replay gets the same draws (the same tensors) on the same x, takes the
-# output from here instead of running the LSTM again; any other draw runs it
+# output from here instead of running the LSTM again, unless it would draw dropout masks itself;
+# any other draw runs it
 _GUIDE_PASS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
