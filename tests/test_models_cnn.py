@@ -128,6 +128,10 @@ def test_the_model_reuses_the_guides_pooling_of_replayed_draws(monkeypatch):
     assert len(calls) == 4
     # the prior predictive: the model alone
     assert m.model(x).shape == (5, 10) and len(calls) == 6
+    # a guide pass without gradients (prediction) keeps nothing: its S x B pooled draws may be large
+    with torch.no_grad():
+        m.guide(x)
+    assert cnn._GUIDE_POOLED[m] == []
 
 
 def test_reusing_the_pooling_changes_no_loss():

@@ -55,10 +55,9 @@ def _max_pool(h: Tensor) -> Tensor:
     return out.reshape(lead + out.shape[1:])
 
 
-# per model, the (conv draw, pooled draw) pairs of its guide's last pass, by identity: the model's
-# pass, which under replay gets the same draws (the same tensors), takes their pooled values from
-# here instead of pooling again (F.max_pool2d was about 8% of a training step); any other draw is
-# pooled as usual
+# per model, the (conv draw, pooled draw) pairs of its guide's last training pass, by identity: the
+# model's pass, which under replay gets the same draws (the same tensors), takes their pooled values
+# from here instead of pooling again (10% of a training step); any other draw is pooled as usual
 _GUIDE_POOLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -256,7 +255,8 @@ class BayesianCNNClassifier(nn.Module):
         ``draw`` is the very tensor the guide drew (replayed), computed otherwise."""
         if variational:
             out = _max_pool(draw)
-            pooled.append((draw, out))
+            if torch.is_grad_enabled():  # training; a prediction's S x B pooled draws are not kept
+                pooled.append((draw, out))
             return out
         for k, (guide_draw, out) in enumerate(pooled):
             if guide_draw is draw:
