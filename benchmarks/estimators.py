@@ -42,7 +42,7 @@ from torch import nn
 
 from bnnpyro.distributions import HiddenLayer
 from bnnpyro.models import BayesianMLPClassifier
-from bnnpyro.nn.activations import identity
+from bnnpyro.nn.activations import identity, inverse_softplus
 
 ESTIMATORS = ("weight_space", "local_reparameterization", "flipout")
 SIZES = (784, (400, 400), 10)
@@ -94,7 +94,7 @@ def _with_dropout_posterior(state: dict, alpha: float, num_layers: int) -> dict:
     state = dict(state)
     for layer in range(num_layers):
         scale = (alpha**0.5 * state[f"A_mean.{layer}"].abs()).clamp_min(1e-12)
-        state[f"A_rho.{layer}"] = scale + torch.log(-torch.expm1(-scale))  # inverse softplus
+        state[f"A_rho.{layer}"] = inverse_softplus(scale)
     return state
 
 

@@ -50,9 +50,14 @@ def make_unique(guide: nn.Module) -> nn.Module:
     return guide
 
 
+def _floating_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """``model``'s floating-point parameters and buffers."""
+    return [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+
+
 def _reference_tensor(model: nn.Module) -> torch.Tensor:
     """A floating-point parameter or buffer of ``model``: its dtype and device are the model's."""
-    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    tensors = _floating_tensors(model)
     if not tensors:
         raise TypeError(f"{type(model).__name__} has no floating-point parameters or buffers")
     return tensors[0]
@@ -60,7 +65,7 @@ def _reference_tensor(model: nn.Module) -> torch.Tensor:
 
 def _dtype_name(model: nn.Module) -> str:
     """The floating-point dtype of ``model``'s parameters and buffers, e.g. ``"float64"``."""
-    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    dtypes = {t.dtype for t in _floating_tensors(model)}
     if len(dtypes) > 1:
         raise ValueError(f"cannot save a model whose tensors mix dtypes {sorted(map(str, dtypes))}: give it one dtype")
     return str(dtypes.pop() if dtypes else torch.get_default_dtype()).removeprefix("torch.")

@@ -151,17 +151,22 @@ class _SequenceEncoder(PyroModule):
         weights = {} if self.embedding is None else {"embedding.weight": self.embedding.weight}
         weights.update({f"lstm.{name}": getattr(self.lstm, name) for name in self.lstm.weight_shapes})
         guide_pass = _GUIDE_PASS.pop(self, None)
-        if guide_pass is not None and not (self.training and self.lstm.dropout > 0):
+        if guide_pass is not None and not self._draws_dropout_masks:
             guide_x, guide_weights, output = guide_pass
             if guide_x is x and all(w is guide_weights.get(k) for k, w in weights.items()):
                 return output
         return self.run(weights, x, training=self.training)[0]
 
+    @property
+    def _draws_dropout_masks(self) -> bool:
+        """Whether a pass draws dropout masks between the LSTM layers (training, ``dropout > 0``)."""
+        return self.training and self.lstm.dropout > 0
+
     def guide_pass(self, weights: Mapping[str, Tensor], x: Tensor, centre: Mapping[str, Tensor] | None) -> Tensor:
         """``run(weights, x, self.training, centre=centre)``'s output, recorded for the model's pass
         when it is the encoder's own function of ``weights`` and ``x``."""
         out = self.run(weights, x, training=self.training, centre=centre)[0]
-        if centre is None and not (self.training and self.lstm.dropout > 0):
+        if centre is None and not self._draws_dropout_masks:
             _GUIDE_PASS[self] = (x, dict(weights), out)
         else:
             _GUIDE_PASS.pop(self, None)

@@ -37,6 +37,9 @@ def identity(t: Tensor) -> Tensor:
     return t
 
 
-def inverse_softplus(y: float) -> float:
-    """``rho`` with ``softplus(rho) = y``: initialises a scale parameterised as ``softplus(rho)``."""
+def inverse_softplus(y: float | Tensor) -> float | Tensor:
+    """``rho`` with ``softplus(rho) = y`` (a number or, elementwise, a tensor of positive values):
+    initialises a scale parameterised as ``softplus(rho)``."""
+    if torch.is_tensor(y):
+        return y + torch.log(-torch.expm1(-y))
     return y + math.log(-math.expm1(-y))

@@ -171,7 +171,7 @@ def sample_predictive(
         raise ValueError(f"chunk_size must be a positive int, 'auto' or None, got {chunk_size!r}")
     if estimator not in _ESTIMATORS:
         raise ValueError(f"estimator must be one of {_ESTIMATORS}, got {estimator!r}")
-    chunk_size = chunk_size or max(len(x), 1)
+    chunk_size = chunk_size or len(x)
     if is_validation_enabled() and x.is_floating_point() and not all_finite(x):
         row = int((~torch.isfinite(x)).reshape(len(x), -1).any(-1).nonzero()[0])
         raise ValueError(f"x contains NaN or infinite values (first in row {row})")
