@@ -418,3 +418,20 @@ def test_evaluate_classification_hand_computed():
     # the same scores in- and out-of-distribution: AUROC 0.5 and equal means
     assert m["mi_ood"] == pytest.approx(m["mi_in"], rel=1e-6) and m["auroc_mi"] == pytest.approx(0.5)
     assert set(evaluate_classification(p, y)) == {"accuracy", "nll", "ece", "mi_in"}
+
+
+def test_evaluate_accepts_tensors_that_require_grad_without_warning():
+    """The README's pattern: a catalogue regressor's learned noise scale requires grad (it is a
+    parameter); the one-call evaluations return floats and must not warn about it."""
+    import warnings
+
+    from bnnpyro.predict import evaluate_classification, evaluate_regression
+
+    mean_samples = torch.randn(4, 5)
+    noise = torch.nn.Parameter(torch.tensor(0.5)).expand(4, 5)
+    probs = torch.nn.Parameter(torch.full((3, 5, 2), 0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = evaluate_regression(mean_samples, noise, torch.randn(5))
+        c = evaluate_classification(probs, torch.zeros(5, dtype=torch.long), ood_prob_samples=probs)
+    assert all(isinstance(v, float) for v in (*m.values(), *c.values()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from bnnpyro.predict.metrics import (
@@ -20,6 +21,7 @@ from bnnpyro.predict.metrics import (
 from bnnpyro.predict.summary import gaussian_mixture_interval, mean_probs, predictive_mean, predictive_std
 
 
+@torch.no_grad()
 def evaluate_regression(
     mean_samples: Tensor,
     noise_scale: Tensor | float,
@@ -34,7 +36,8 @@ def evaluate_regression(
     ``y`` and the samples may be standardized (``y_std = (y - m) / y_scale``): RMSE and interval
     width are multiplied by ``y_scale`` and ``log(y_scale)`` is subtracted from the average
     log-likelihood, so every number is in the original units (the UCI protocol of
-    Hernández-Lobato & Adams 2015).
+    Hernández-Lobato & Adams 2015). Computed without autograd: inputs that require grad (a
+    model's learned noise scale) are fine.
 
     :param mean_samples: ``S x N`` predictive means.
     :param noise_scale: noise std, scalar, ``N``, ``S x 1`` or ``S x N``.
@@ -53,6 +56,7 @@ def evaluate_regression(
     }
 
 
+@torch.no_grad()
 def evaluate_classification(
     prob_samples: Tensor, y: Tensor, ood_prob_samples: Tensor | None = None
 ) -> dict[str, float]:
