@@ -25,7 +25,7 @@ from bnnpyro.models.lstm import BayesianLSTMLanguageModel  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-sequences", type=int, default=None,
                         help="train on the first this many training sequences only (quick runs)")

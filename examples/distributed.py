@@ -24,7 +24,7 @@ from bnnpyro.predict import accuracy, mean_probs
 
 
 def main(argv: list[str] | None = None) -> dict[str, float] | None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64, help="global minibatch, split over the ranks")
     parser.add_argument("--hidden", type=int, nargs="+", default=[100])

@@ -28,7 +28,7 @@ from bnnpyro.predict import (  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--hidden", type=int, nargs="+", default=[100])
     parser.add_argument("--num-samples", type=int, default=200)

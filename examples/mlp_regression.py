@@ -20,7 +20,7 @@ from bnnpyro.predict import gaussian_mixture_interval, picp, plot_predictive_ban
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=200, help="training points")
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--hidden", type=int, nargs="+", default=[50, 50])

@@ -50,3 +50,17 @@ def test_cnn_digits_example(tmp_path):
     # measured after 8 epochs with flipout: accuracy 0.958, MI 0.05 on test images vs 0.25 shuffled
     assert m["accuracy"] > 0.9 and m["mi_ood"] > m["mi_in"]
     assert (tmp_path / "e.png").exists()
+
+
+def test_example_help_shows_the_whole_first_paragraph_of_the_docstring(capsys):
+    """``--help`` describes the script by its docstring's first paragraph, not its first line
+    (which breaks off mid-sentence, e.g. 'reliability diagram, and')."""
+    import pytest
+
+    for path in sorted(EXAMPLES.glob("*.py")):
+        module = _load(path.stem)
+        with pytest.raises(SystemExit):
+            module.main(["--help"])
+        help_text = " ".join(capsys.readouterr().out.split())
+        first_paragraph = " ".join(module.__doc__.split("\n\n")[0].split())
+        assert first_paragraph in help_text, path.name
