@@ -126,6 +126,22 @@ def test_lstm_forward_is_functional_nn_lstm():
                      dropout=0.0, training=True, bidirectional=True)
 
 
+@pytest.mark.parametrize("S", [4, 6])
+def test_lstm_forward_rejects_stacked_weight_draws(S):
+    """Weights with a leading sample dim (as under a plate of posterior samples) are not one draw:
+    they raise instead of running the kernel on them (which returned a width-1 output)."""
+    lstm = nn.LSTM(D, 8, batch_first=True)
+    stacked = [p.expand(S, 1, *p.shape) for p in lstm.parameters()]
+    with pytest.raises(RuntimeError, match=r"flat_weights\[1\] must be 2-D, got shape \(%d, 1, 32, 8\)" % S):
+        lstm_forward(torch.randn(B, T, D), None, stacked, num_layers=1, bias=True, batch_first=True,
+                     dropout=0.0, training=False, bidirectional=False)
+    weights = list(lstm.parameters())
+    weights[2] = weights[2][None]
+    with pytest.raises(RuntimeError, match=r"flat_weights\[2\] must be 1-D"):
+        lstm_forward(torch.randn(B, T, D), None, weights, num_layers=1, bias=True, batch_first=True,
+                     dropout=0.0, training=False, bidirectional=False)
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_one_draw_per_call_shared_across_time(bidirectional):
     lstm = nn.LSTM(D, H, 2, bidirectional=bidirectional)

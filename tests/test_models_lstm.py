@@ -366,18 +366,22 @@ def test_text_errors(tmp_path):
     assert load_text(tmp_path / "t.txt") == "hello"
 
 
-def test_sample_predictive_runs_the_classifier_one_draw_at_a_time():
+@pytest.mark.parametrize("make, x, S", [
+    (_token_classifier, torch.randint(0, 7, (6, 5)), 4),
+    (_float_classifier, torch.randn(6, 5, 2), 4),  # no embedding: the LSTM kernel itself gets the stack
+    (_float_classifier, torch.randn(6, 5, 2), 6),
+])
+def test_sample_predictive_runs_the_classifier_one_draw_at_a_time(make, x, S):
     """The fused LSTM kernel takes 2-D weights: sample_predictive's vectorized pass fails with a
     hint naming the LSTM models and ``vectorize=False``, which then gives ``S x B x C`` logits whose
     draws differ, each the output layer's draw on one LSTM weight draw."""
     from bnnpyro import sample_predictive
 
-    m = _token_classifier()
-    x = torch.randint(0, 7, (6, 5))
+    m = make()
     with pytest.raises(RuntimeError, match="(?s)the Bayesian LSTM models.*pass vectorize=False"):
-        sample_predictive(m.model, m.guide, x, 4)
-    f = sample_predictive(m.model, m.guide, x, 4, vectorize=False)["f"]
-    assert f.shape == (4, 6, 3)
+        sample_predictive(m.model, m.guide, x, S)
+    f = sample_predictive(m.model, m.guide, x, S, vectorize=False)["f"]
+    assert f.shape == (S, 6, 3)
     assert not torch.allclose(f[0], f[1])
 
 

@@ -53,6 +53,15 @@ def _check_hidden(hx: LSTMState, expected_h: tuple[int, ...], expected_c: tuple[
             raise RuntimeError(f"Expected {name} of size {list(expected)}, got {list(t.shape)}")
 
 
+def _check_weight_dim(flat_weights: list[Tensor], i: int, dim: int) -> None:
+    """``flat_weights[i]`` must be ``dim``-D: one draw of a weight matrix (2) or bias (1), not a stack."""
+    if flat_weights[i].dim() != dim:
+        raise RuntimeError(
+            f"flat_weights[{i}] must be {dim}-D, got shape {tuple(flat_weights[i].shape)}: the fused LSTM "
+            "kernel takes one draw of the weights; for stacked draws call it once per draw"
+        )
+
+
 def lstm_forward(
     input: Union[Tensor, PackedSequence],
     hx: Optional[LSTMState],
@@ -75,11 +84,13 @@ def lstm_forward(
     :param flat_weights: the weights in ``nn.LSTM._flat_weights`` order:
         per layer and direction ``weight_ih (4H x D_l)``, ``weight_hh (4H x R)``,
         then if ``bias`` ``bias_ih (4H)``, ``bias_hh (4H)``, then if projecting
-        ``weight_hr (R x H)``. ``H`` and ``R`` are read from ``weight_hh_l0``.
+        ``weight_hr (R x H)``. ``H`` and ``R`` are read from ``weight_hh_l0``. One draw: stacked
+        weights (a leading sample dim) raise a ``RuntimeError``.
     :return: ``(output, (h_n, c_n))`` exactly as ``nn.LSTM``: output ``T x B x (dirs*R)``
         (or packed, in the input's order), ``h_n``/``c_n`` like ``h_0``/``c_0``.
     """
     num_directions = 2 if bidirectional else 1
+    _check_weight_dim(flat_weights, 1, 2)  # H and R are read from it
     hidden_size = flat_weights[1].shape[0] // 4
     real_hidden_size = flat_weights[1].shape[1]
     per_layer = (4 if bias else 2) + (real_hidden_size != hidden_size)
@@ -87,6 +98,8 @@ def lstm_forward(
         raise ValueError(
             f"expected {num_layers * num_directions * per_layer} weight tensors, got {len(flat_weights)}"
         )
+    for i in range(len(flat_weights)):
+        _check_weight_dim(flat_weights, i, 1 if bias and i % per_layer in (2, 3) else 2)
     state_dims = num_layers * num_directions
 
     if isinstance(input, PackedSequence):
