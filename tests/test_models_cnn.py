@@ -152,3 +152,8 @@ def test_reusing_the_pooling_changes_no_loss():
         pyro.set_rng_seed(1)
         losses.append([svi.step(x, y) for _ in range(3)])
     assert losses[0] == losses[1]
+
+
+def test_repr_shows_the_configuration():
+    text = repr(_small(dataset_size=40, estimator="flipout"))
+    assert "num_classes=10, dataset_size=40" in text and "channels=[4, 6]" in text and "estimator='flipout'" in text

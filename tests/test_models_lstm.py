@@ -430,3 +430,8 @@ def test_reusing_the_lstm_pass_changes_no_loss():
         losses.append([svi.step(x, y) for _ in range(3)])
         assert m.encoder not in lstm_models._GUIDE_PASS
     assert losses[0] == losses[1]
+
+
+def test_repr_shows_the_configuration():
+    assert "num_classes=3, hidden_size=4" in repr(_float_classifier()) and "input_size=2" in repr(_float_classifier())
+    assert "output_estimator='local_reparameterization'" in repr(_lm(output_estimator="local_reparameterization"))

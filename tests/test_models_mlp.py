@@ -174,3 +174,14 @@ def test_estimator_option_keeps_the_exact_minibatch_objective(estimator):
     assert m.config["estimator"] == estimator
     with pytest.raises(ValueError, match="estimator"):
         BayesianMLPRegressor(2, dataset_size=5, estimator="dropout")
+
+
+def test_repr_shows_the_configuration():
+    """Two regressors differing only in their noise model (or widths) print differently."""
+    learned = repr(BayesianMLPRegressor(3, hidden=(7, 5), dataset_size=40))
+    fixed = repr(BayesianMLPRegressor(3, hidden=(7, 5), dataset_size=40, noise="fixed"))
+    assert learned != fixed
+    assert "hidden=[7, 5], dataset_size=40" in learned and "noise='learned'" in learned
+    assert "noise='fixed'" in fixed
+    # a callable non-linearity has no name in the config: left out rather than printed as None
+    assert "non_linearity" not in repr(BayesianMLPClassifier(3, 4, dataset_size=40, non_linearity=torch.tanh))

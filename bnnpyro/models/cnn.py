@@ -169,6 +169,10 @@ class BayesianCNNClassifier(nn.Module):
         }
         self._pyro_name = new_param_prefix(type(self).__name__)
 
+    def extra_repr(self) -> str:
+        """The constructor's arguments (``config``), so that ``repr`` tells models apart."""
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items() if v is not None)
+
     @property
     def num_conv(self) -> int:
         return len(self.conv_mean)

@@ -288,6 +288,10 @@ class _BayesianLSTMNet(nn.Module):
         self.register_buffer("out_prior_scale", torch.tensor(float(prior_scale)))
         self._pyro_name = new_param_prefix(type(self).__name__)
 
+    def extra_repr(self) -> str:
+        """The constructor's arguments (``config``), so that ``repr`` tells models apart."""
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items() if v is not None)
+
     # -- checks ------------------------------------------------------------------------------
 
     def _check_x(self, x: Tensor) -> None:

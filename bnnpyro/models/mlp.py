@@ -82,6 +82,10 @@ class _HiddenLayerMLP(nn.Module):
             self.register_buffer(f"prior_scale_{layer}", torch.tensor(scale))
         self._pyro_name = new_param_prefix(type(self).__name__)
 
+    def extra_repr(self) -> str:
+        """The constructor's arguments (``config``), so that ``repr`` tells models apart."""
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items() if v is not None)
+
     @property
     def num_layers(self) -> int:
         return len(self.sizes) - 1
