@@ -41,6 +41,24 @@ def positive_int(name: str, value: object) -> int:
     return value
 
 
+def positive_ints(name: str, value: object) -> tuple[int, ...]:
+    """``value`` as a tuple if it is a sequence of positive ints (e.g. layer widths ``(50,)``), else
+    ``ValueError`` naming ``name`` (a bare int, a common slip for a one-element tuple, included)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name} must be a sequence of positive ints, e.g. (50,), got {value!r}")
+    values = tuple(value)
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(f"{name} must be a sequence of positive ints, got {value!r}")
+    return values
+
+
+def positive_number(name: str, value: object) -> float:
+    """``value`` if it is a positive ``int`` or ``float`` (not a ``bool``), else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive float, got {value!r}")
+    return value
+
+
 def check_class_labels(x: Tensor, y: object, num_classes: int) -> None:
     """``y`` must be an int64 tensor of shape ``(B,)`` for ``x`` of ``B`` rows, holding labels in
     ``[0, num_classes)``; raises ``TypeError``/``ValueError`` naming ``y`` otherwise."""

@@ -157,3 +157,10 @@ def test_reusing_the_pooling_changes_no_loss():
 def test_repr_shows_the_configuration():
     text = repr(_small(dataset_size=40, estimator="flipout"))
     assert "num_classes=10, dataset_size=40" in text and "channels=[4, 6]" in text and "estimator='flipout'" in text
+
+
+def test_width_sequences_are_checked_by_name():
+    with pytest.raises(ValueError, match=r"hidden must be a sequence of positive ints, e.g. \(50,\), got 128"):
+        BayesianCNNClassifier(image_size=8, channels=(4,), hidden=128)
+    with pytest.raises(ValueError, match=r"channels must be a sequence of positive ints, got \(4, 0\)"):
+        BayesianCNNClassifier(image_size=8, channels=(4, 0))

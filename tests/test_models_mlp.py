@@ -185,3 +185,18 @@ def test_repr_shows_the_configuration():
     assert "noise='fixed'" in fixed
     # a callable non-linearity has no name in the config: left out rather than printed as None
     assert "non_linearity" not in repr(BayesianMLPClassifier(3, 4, dataset_size=40, non_linearity=torch.tanh))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"hidden": 50}, r"hidden must be a sequence of positive ints, e.g. \(50,\)"),
+    ({"out_features": 0}, "out_features must be a positive int"),
+    ({"min_noise": -1e-3}, "min_noise must be a non-negative float"),
+    ({"noise_scale": "1"}, "noise_scale must be a positive float"),
+    ({"init_scale": "0.01"}, "init_scale must be a positive float"),
+])
+def test_regressor_arguments_are_checked_by_name(kwargs, match):
+    """Each bad argument is named (not a bare TypeError from a comparison or iteration), and none is
+    accepted silently (out_features=0 built a network of no outputs; a negative min_noise could
+    make the heteroscedastic noise scale negative)."""
+    with pytest.raises(ValueError, match=match):
+        BayesianMLPRegressor(3, dataset_size=10, **kwargs)

@@ -212,6 +212,7 @@ def test_bad_inputs_raise(kwargs, x, y, match):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"hidden": (0,)}, "hidden"),
+    ({"hidden": 50}, r"hidden must be a sequence of positive ints, e.g. \(50,\), got 50"),
     ({"dataset_size": 0}, "dataset_size"),
     ({"likelihood": "poisson"}, "likelihood"),
     ({"noise_scale": -1.0}, "noise_scale"),

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnnpyro._checks import all_finite, check_class_labels, check_like, positive_int
+from bnnpyro._checks import all_finite, check_class_labels, check_like, positive_int, positive_ints
 from bnnpyro.distributions import ConvLayer, HiddenLayer, normal_kl_sum
 from bnnpyro.distributions.hidden_layer import ESTIMATORS
 from bnnpyro.nn.activations import identity, inverse_softplus
@@ -111,9 +111,7 @@ class BayesianCNNClassifier(nn.Module):
             raise ValueError(f"image_size must be an int or (H, W), got {image_size!r}")
         for s in size:
             positive_int("image_size", s)
-        channels, hidden = tuple(channels), tuple(hidden)
-        for c in channels + hidden:
-            positive_int("channels and hidden widths", c)
+        channels, hidden = positive_ints("channels", channels), positive_ints("hidden", hidden)
         if not channels:
             raise ValueError("channels must name at least one convolution block")
         if min(size) < 2 ** len(channels):

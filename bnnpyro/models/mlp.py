@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnnpyro._checks import all_finite, check_class_labels, check_like
+from bnnpyro._checks import all_finite, check_class_labels, check_like, positive_int, positive_ints, positive_number
 from bnnpyro.distributions import HiddenLayer, normal_kl_sum
 from bnnpyro.distributions.hidden_layer import ESTIMATORS
 from bnnpyro.nn.activations import identity, inverse_softplus, resolve_non_linearity
@@ -53,14 +53,11 @@ class _HiddenLayerMLP(nn.Module):
         for name, value in (("in_features", in_features), ("dataset_size", dataset_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        hidden = tuple(hidden)
-        if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
-            raise ValueError(f"hidden must be a sequence of positive ints, got {hidden!r}")
+        hidden = positive_ints("hidden", hidden)
         self._non_linearity = resolve_non_linearity(non_linearity)
         if not (prior_scale == "fan_in" or (isinstance(prior_scale, (int, float)) and prior_scale > 0)):
             raise ValueError(f"prior_scale must be a positive float or 'fan_in', got {prior_scale!r}")
-        if not init_scale > 0:
-            raise ValueError(f"init_scale must be positive, got {init_scale!r}")
+        positive_number("init_scale", init_scale)
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         self.estimator = estimator
@@ -224,8 +221,10 @@ class BayesianMLPRegressor(_HiddenLayerMLP):
     ) -> None:
         if noise not in ("learned", "fixed", "heteroscedastic"):
             raise ValueError(f"noise must be 'learned', 'fixed' or 'heteroscedastic', got {noise!r}")
-        if not noise_scale > 0:
-            raise ValueError(f"noise_scale must be positive, got {noise_scale!r}")
+        positive_int("out_features", out_features)
+        positive_number("noise_scale", noise_scale)
+        if isinstance(min_noise, bool) or not isinstance(min_noise, (int, float)) or not min_noise >= 0:
+            raise ValueError(f"min_noise must be a non-negative float, got {min_noise!r}")
         width = 2 * out_features if noise == "heteroscedastic" else out_features
         super().__init__(in_features, width, hidden, dataset_size, prior_scale, non_linearity, init_scale, estimator)
         self.out_features = out_features

@@ -28,7 +28,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from bnnpyro._checks import all_finite, check_like, positive_int
+from bnnpyro._checks import all_finite, check_like, positive_int, positive_ints
 from bnnpyro.distributions.priors import Prior
 from bnnpyro.nn.activations import resolve_non_linearity
 from bnnpyro.nn.linear import BayesianLinear
@@ -106,7 +106,7 @@ class BayesianMLP(UniqueParamNames, PyroModule):
             prior = Prior(**prior)
         self.in_features = positive_int("in_features", in_features)
         self.out_features = positive_int("out_features", out_features)
-        self.hidden = tuple(positive_int("hidden", h) for h in hidden)
+        self.hidden = positive_ints("hidden", hidden)
         self.dataset_size = None if dataset_size is None else positive_int("dataset_size", dataset_size)
         self.non_linearity = resolve_non_linearity(non_linearity)
         if likelihood not in LIKELIHOODS:
