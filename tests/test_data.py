@@ -181,3 +181,23 @@ def test_synthetic_generators():
 def test_unknown_classification_name():
     with pytest.raises(ValueError, match="unknown"):
         load_classification("mnist")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n": 0}, "n must be a positive int"),
+    ({"noise": -0.1}, "noise must be a non-negative"),
+    ({"x_range": (0.5, 0.0)}, "x_range"),
+])
+def test_toy_regression_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        toy_regression(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"test_fraction": 1.5}, "test_fraction"),
+    ({"test_fraction": 0.0}, "test_fraction"),
+    ({"name": "two_moons", "n": 0}, "n must be a positive int"),
+])
+def test_load_classification_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        load_classification(**kwargs)

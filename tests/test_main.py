@@ -35,7 +35,7 @@ def test_help_documents_the_options():
                          check=True).stdout
     for option in ("--data", "--split", "--model", "--guide", "--epochs", "--seed", "--device", "--plot"):
         assert option in out
-    assert "95% interval coverage" in out and "%%" not in out
+    assert "interval coverage" in out and "(at --level)" in out and "%%" not in out
 
 
 @pytest.mark.parametrize("args, message", [

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bnnpyro._checks import positive_int
+
 __all__ = [
     "CLASSIFICATION_DATASETS",
     "ClassificationSplit",
@@ -53,7 +55,16 @@ def toy_regression(
 
     Returns:
         ``(x, y)``: float32 tensors, ``x`` of shape ``n x 1`` and ``y`` of shape ``n``.
+
+    Raises:
+        ValueError: ``n`` not a positive int, ``noise`` negative, or ``x_range`` not ``(low, high)``
+        with ``low < high``.
     """
+    positive_int("n", n)
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
+        raise ValueError(f"noise must be a non-negative float (a standard deviation), got {noise!r}")
+    if len(x_range) != 2 or not x_range[0] < x_range[1]:
+        raise ValueError(f"x_range must be (low, high) with low < high, got {x_range!r}")
     rng = np.random.default_rng(seed)
     x = torch.as_tensor(rng.uniform(x_range[0], x_range[1], size=n), dtype=torch.float32)
     eps = torch.as_tensor(rng.normal(0.0, noise, size=n), dtype=torch.float32)
@@ -158,9 +169,12 @@ def load_classification(
         n: number of points of the synthetic data sets (ignored otherwise).
 
     Raises:
-        ValueError: unknown ``name``.
+        ValueError: unknown ``name``; ``test_fraction`` not in ``(0, 1)``; ``n`` not a positive int.
         ImportError: ``"digits"``/``"breast_cancer"`` without scikit-learn.
     """
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    positive_int("n", n)
     if name in ("digits", "breast_cancer"):
         x, y = _sklearn_data(name)
     elif name == "two_moons":

@@ -172,8 +172,10 @@ def fit(
     :param loss: an ELBO. Default :class:`~pyro.infer.TraceMeanField_ELBO`.
     :param seed: if given, ``pyro.set_rng_seed(seed)`` is called before
         training and tensor data are shuffled with a generator seeded with it,
-        so runs are reproducible (a DataLoader's own sampler draws from the
-        seeded global generator unless given one).
+        so that training from the same initial parameters is reproducible (a
+        DataLoader's own sampler draws from the seeded global generator unless
+        given one). The model's initial parameters are drawn when it is built:
+        seed (``pyro.set_rng_seed``) before building it too.
     :param bool shuffle: reshuffle tensor data every epoch (default True);
         a DataLoader's own setting applies to it.
     A :class:`pyro.optim.PyroLRScheduler` ``optim`` (e.g. ``pyro.optim.ExponentialLR``) is

@@ -453,7 +453,12 @@ class BayesianLSTMClassifier(_BayesianLSTMNet):
 
     @torch.no_grad()
     def get_logits(self, x: Tensor, num_predictions: int = 10) -> Tensor:
-        """``B x S x C`` logits of ``S = num_predictions`` posterior weight draws (no gradients)."""
+        """``B x S x C`` logits of ``S = num_predictions`` posterior weight draws (no gradients).
+
+        The sample dim is second; :mod:`bnnpyro.predict`'s metrics take
+        the samples first (``S x B x C``): pass ``get_logits(x, S).softmax(-1).movedim(1, 0)``, or
+        use :meth:`uncertainty`.
+        """
         self._check_x(x)
         S = self._check_num_predictions(num_predictions)
         X = _append_ones(self._sampled_outputs(x, S)[:, :, -1])  # S x B x (H + 1)
@@ -584,7 +589,11 @@ class BayesianLSTMLanguageModel(_BayesianLSTMNet):
 
     @torch.no_grad()
     def get_logits(self, x: Tensor, num_predictions: int = 10) -> Tensor:
-        """``B x S x T x V`` next-token logits of ``S = num_predictions`` posterior weight draws (no gradients)."""
+        """``B x S x T x V`` next-token logits of ``S = num_predictions`` posterior weight draws (no gradients).
+
+        The sample dim is second; :mod:`bnnpyro.predict`'s metrics take the samples first:
+        ``.movedim(1, 0)``.
+        """
         self._check_x(x)
         S = self._check_num_predictions(num_predictions)
         X = _append_ones(self._sampled_outputs(x, S))  # S x B x T x (H + 1)
