@@ -515,6 +515,23 @@ def test_normal_kl_sum_equals_elementwise_sum():
         torch.testing.assert_close(normal_kl_sum(A_mean, A_scale, pm, ps), normal_kl(A_mean, A_scale, pm, ps).sum())
 
 
+def test_normal_kl_finite_for_tiny_posterior_scales():
+    """KL(N(0, s^2) || N(0, 1)) = s^2/2 - 1/2 - log s is finite (52.46 at s = 1e-23) for every positive
+    float32 s; the elementwise form (tensor priors) must not take the log of s^2, which underflows to
+    0 there, and must agree with the summed form of a scalar prior."""
+    from bnnpyro.distributions import normal_kl, normal_kl_sum
+
+    s = torch.tensor([1e-23, 1e-30, 1e-3])
+    expected = torch.tensor([0.5 * (x * x - 1.0) - math.log(x) for x in (1e-23, 1e-30, 1e-3)])
+    zeros = torch.zeros(3)
+    torch.testing.assert_close(normal_kl(zeros, s, 0.0, torch.ones(3)), expected)
+    torch.testing.assert_close(normal_kl_sum(zeros, s, zeros, torch.ones(3)), expected.sum())
+    torch.testing.assert_close(normal_kl_sum(zeros, s, 0.0, 1.0), expected.sum())
+    layer = HiddenLayer(torch.randn(2, 3), torch.zeros(3, 3), torch.full((3, 3), 1e-25),
+                        A_prior_scale=torch.ones(3, 3))
+    assert torch.isfinite(layer.KL)
+
+
 @pytest.mark.parametrize("lead", [(5,), (3, 4)])
 def test_fused_local_reparameterization_gradients(lead):
     """The fused draw's hand-written backward: ``gradcheck`` in float64, and equal values and

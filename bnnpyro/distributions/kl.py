@@ -23,11 +23,13 @@ def normal_kl(
         \mathrm{KL} = \log\frac{\sigma_p}{\sigma_q}
         + \frac{\sigma_q^2 + (\mu_q - \mu_p)^2}{2\sigma_p^2} - \frac12
 
-    All arguments broadcast against each other; the result has the broadcast shape.
+    All arguments broadcast against each other; the result has the broadcast shape. The log term
+    is :math:`\log(\sigma_q/\sigma_p)`, not half the log of the squared ratio, which underflows
+    to 0 (an infinite KL) once :math:`\sigma_q/\sigma_p` is below about ``1e-23`` in float32.
     """
-    var_ratio = (q_scale / p_scale) ** 2
+    ratio = q_scale / p_scale
     t1 = ((q_mean - p_mean) / p_scale) ** 2
-    return 0.5 * (var_ratio + t1 - 1.0 - torch.log(var_ratio))
+    return 0.5 * (ratio * ratio + t1 - 1.0) - torch.log(ratio)
 
 
 class _SquaredNorm(torch.autograd.Function):
