@@ -264,3 +264,16 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="with a bias to one without"):
         kl_divergence(ConvLayer(X, W_mean, W_scale, **kw, bias_mean=b_mean, bias_scale=b_scale),
                       ConvLayer(X, W_mean, W_scale, **kw))
+
+
+def test_bad_priors_and_kl_factors_raise():
+    """As for HiddenLayer: a prior of a shape that does not broadcast to W_mean is named at
+    construction, a NaN or infinite prior or KL_factor with validation on."""
+    X, W_mean, W_scale, _ = _params((3, 2, 5, 5), (4, 2, 3, 3), False)
+    with pytest.raises(ValueError, match=r"W_prior_scale must be .* to W_mean \(4, 2, 3, 3\), got shape \(2, 2\)"):
+        ConvLayer(X, W_mean, W_scale, W_prior_scale=torch.ones(2, 2))
+    for kwargs, match in [({"W_prior_mean": float("nan")}, "W_prior_mean contains NaN or infinite"),
+                          ({"W_prior_scale": math.inf}, "W_prior_scale must be strictly positive and finite"),
+                          ({"KL_factor": float("nan")}, "KL_factor must be a finite non-negative number")]:
+        with pytest.raises(ValueError, match=match):
+            ConvLayer(X, W_mean, W_scale, validate_args=True, **kwargs)

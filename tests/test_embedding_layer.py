@@ -185,3 +185,16 @@ def test_bad_inputs_raise():
     # a negative padding_idx counts from V, as in torch.nn.Embedding
     h = EmbeddingLayer(TOKENS, W_mean, W_scale, padding_idx=-1).rsample()
     assert (h[TOKENS == V - 1] == 0).all() and (h[TOKENS != V - 1] != 0).all()
+
+
+def test_bad_priors_and_kl_factors_raise():
+    """As for HiddenLayer: a prior of a shape that does not broadcast to W_mean is named at
+    construction, a NaN or infinite prior or KL_factor with validation on."""
+    W_mean, W_scale = _table()
+    with pytest.raises(ValueError, match=r"W_prior_mean must be .* to W_mean \(6, 3\), got shape \(3, 6\)"):
+        EmbeddingLayer(TOKENS, W_mean, W_scale, W_prior_mean=torch.zeros(3, 6))
+    for kwargs, match in [({"W_prior_mean": float("nan")}, "W_prior_mean contains NaN or infinite"),
+                          ({"W_prior_scale": math.inf}, "W_prior_scale must be strictly positive and finite"),
+                          ({"KL_factor": float("nan")}, "KL_factor must be a finite non-negative number")]:
+        with pytest.raises(ValueError, match=match):
+            EmbeddingLayer(TOKENS, W_mean, W_scale, validate_args=True, **kwargs)

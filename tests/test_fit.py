@@ -284,6 +284,40 @@ def test_validate_every_and_restore_best_when_all_epochs_ran():
     torch.testing.assert_close(pyro.param("loc"), seen[3], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["catalogue", "autoguide"])
+def test_restoring_the_best_params_reaches_the_modules(kind):
+    """The best parameters are written into the modules' own tensors: a catalogue model's guide
+    computes with its module's parameters, which the restore (replacing the store's tensors) left
+    at their last values, and so did save; an autoguide's state_dict likewise."""
+    from pyro.infer.autoguide import AutoNormal
+
+    from bnnpyro.models import BayesianMLPRegressor
+    from bnnpyro.nn import BayesianMLP
+
+    x, y = _regression_data(n=40)
+    if kind == "catalogue":
+        module = BayesianMLPRegressor(D, hidden=(4,), dataset_size=40)
+        model, guide = module.model, module.guide
+    else:
+        model = BayesianMLP(D, 1, hidden=(4,), dataset_size=40)
+        guide = module = AutoNormal(model)
+    values, seen = iter([2.0, 1.0, 3.0, 4.0]), {}
+
+    def validation_fn(epoch):
+        seen[epoch] = {k: v.clone() for k, v in module.state_dict().items()}
+        return next(values)
+
+    history = fit(model, guide, (x, y), 6, validation_fn=validation_fn, patience=2, progress=False,
+                  clear_param_store=True)
+    assert history.stopped_early and history.best_epoch == 1
+    state = module.state_dict()
+    assert not all(torch.equal(seen[3][k], seen[1][k]) for k in state)
+    assert all(torch.equal(state[k], seen[1][k]) for k in state)
+    with torch.no_grad():
+        guide(x[:5])  # the guide runs on them, and the store holds the same tensors
+    assert all(torch.equal(module.state_dict()[k], seen[1][k]) for k in state)
+
+
 def test_validation_without_patience_only_records():
     x, y = _regression_data()
     model, guide = make_regression(N)

@@ -485,6 +485,27 @@ def test_bad_inputs_raise():
         kl_divergence(HiddenLayer(X, A_mean, A_scale), HiddenLayer(X, A_mean[:, :2], A_scale[:, :2]))
 
 
+def test_bad_priors_and_kl_factors_raise():
+    """A prior whose shape does not broadcast to the weights is named at construction (it failed
+    later, inside the KL, with torch's size message); with validation on, a NaN or infinite prior
+    mean or scale, or a NaN or infinite KL_factor, is named instead of making the KL NaN."""
+    A_mean, A_scale = _layer_params()
+    X = torch.randn(5, D)
+    with pytest.raises(ValueError, match=r"A_prior_scale must be a number or a tensor broadcastable to A_mean"):
+        HiddenLayer(X, A_mean, A_scale, A_prior_scale=torch.ones(4, 3))
+    with pytest.raises(ValueError, match=r"A_prior_mean must be .* A_mean \(3, 4\), got shape \(2, 3, 4\)"):
+        HiddenLayer(X, A_mean, A_scale, A_prior_mean=torch.zeros(2, 3, 4))
+    HiddenLayer(X, A_mean, A_scale, A_prior_mean=torch.zeros(1, 4), A_prior_scale=torch.ones(3, 1))  # broadcasts
+    for kwargs, match in [({"A_prior_mean": float("nan")}, "A_prior_mean contains NaN or infinite"),
+                          ({"A_prior_mean": torch.full((3, 4), math.inf)}, "A_prior_mean contains NaN or infinite"),
+                          ({"A_prior_scale": math.inf}, "A_prior_scale must be strictly positive and finite"),
+                          ({"KL_factor": float("nan")}, "KL_factor must be a finite non-negative number, got nan"),
+                          ({"KL_factor": math.inf}, "KL_factor must be a finite non-negative number, got inf")]:
+        with pytest.raises(ValueError, match=match):
+            HiddenLayer(X, A_mean, A_scale, validate_args=True, **kwargs)
+        HiddenLayer(X, A_mean, A_scale, validate_args=False, **kwargs)  # the user's choice: no checks
+
+
 # ---------------------------------------------------------------- reference: pyro.contrib.bnn
 
 

@@ -225,6 +225,32 @@ def test_bad_arguments_raise(kwargs, match):
         BayesianMLP(3, 2, **kwargs)
 
 
+@pytest.mark.parametrize("fields, match", [
+    ({"scale": float("nan")}, "Prior scale must be a finite number, got nan"),
+    ({"scale": float("inf")}, "Prior scale must be a finite number, got inf"),
+    ({"mean": float("nan")}, "Prior mean must be a finite number"),
+    ({"kind": "scale_mixture", "sigma1": float("nan")}, "Prior sigma1 must be a finite number"),
+    ({"scale": "1"}, "Prior scale must be a finite number, got '1'"),
+])
+def test_a_prior_with_a_nan_infinite_or_non_numeric_field_raises(fields, match):
+    """The layers build their prior distributions from a Prior's fields without validating them
+    again: a NaN scale gave BayesianLinear a NaN log prior silently (a string, a TypeError from
+    a comparison)."""
+    with pytest.raises(ValueError, match=match):
+        Prior(**fields)
+    with pytest.raises(ValueError, match=match):
+        BayesianMLP(3, 2, prior=fields)
+
+
+def test_a_normal_prior_module_with_a_nan_or_infinite_value_raises():
+    from bnnpyro.distributions import NormalPrior
+
+    with pytest.raises(ValueError, match="loc contains NaN or infinite values"):
+        NormalPrior((2, 3), torch.tensor([0.0, float("nan"), 0.0]), 1.0)
+    with pytest.raises(ValueError, match="scale must be positive and finite"):
+        NormalPrior((2, 3), 0.0, float("inf"))
+
+
 def test_priors_follow_the_module_device_and_dtype():
     layer = BayesianLinear(4, 2, prior_scale="fan_in")
     assert layer.prior.scale == pytest.approx(0.5)

@@ -337,3 +337,22 @@ def test_two_converted_models_in_one_process_train_their_own_parameters():
     assert copy._param_prefix == b._param_prefix and type(copy[0]) is type(b[0])
     assert f"{b._param_prefix}.0.weight" in poutine.trace(copy).get_trace(x).nodes
     assert "2.weight" in poutine.trace(copy).get_trace(x).nodes  # a sample site, plain name
+
+
+@pytest.mark.parametrize("prior", ["fan_in", "pretrained", Prior(scale=0.5), Prior("scale_mixture"),
+                                   lambda name, p: NormalPrior(p.shape, 0.0, 0.3)])
+def test_a_float64_module_draws_float64_weights(prior):
+    """The priors take each parameter's dtype: a float64 network's converted layers drew float32
+    weights from a Prior or the fan_in rule (built in the default dtype), and then failed on its
+    float64 inputs (or computed in float32 on float32 ones)."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Conv1d(1, 2, 3)).double()
+
+    def forward(x):
+        return net_b[2](net_b[1](net_b[0](x)).unsqueeze(-2))
+
+    net_b = to_bayesian(net, prior=prior)
+    sites = _sites(forward, torch.randn(5, 3, dtype=torch.float64))
+    values = {name: site["value"] for name, site in sites.items() if site["type"] == "sample"}
+    assert set(values) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert all(v.dtype == torch.float64 for v in values.values())
+    assert all(p.dtype == torch.float64 for p in net_b.buffers() if p.is_floating_point())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from numbers import Number
+
 import torch
 from torch import Tensor
 from torch.distributions import Distribution
@@ -38,6 +41,53 @@ def check_rows(name: str, t: Tensor, rows: int) -> None:
             f"{name} has no rows (shape {tuple(t.shape)}): each row of the minibatch carries a share of "
             "the layer's KL, so it needs at least one"
         )
+
+
+def check_prior_shape(name: str, value: object, shape: torch.Size, weights: str) -> None:
+    """
+    A tensor prior parameter ``value`` broadcasts to ``shape``, that of the weights it is the prior
+    of (named ``weights``): the KL is taken elementwise over them, and a prior of another shape
+    fails there, later, with a message naming neither. Raises ``ValueError`` naming ``name``.
+    """
+    if not torch.is_tensor(value) or value.dim() == 0 or value.shape == shape:
+        return  # the common cases, without torch.broadcast_shapes's 25 us of Python
+    try:
+        fits = torch.broadcast_shapes(value.shape, shape) == shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{name} must be a number or a tensor broadcastable to {weights} {tuple(shape)}, "
+            f"got shape {tuple(value.shape)}"
+        )
+
+
+def valid_kl_factor(KL_factor: object) -> bool:
+    """Whether ``KL_factor``, if a number, is finite and non-negative (a tensor is not read: that
+    would cost a device synchronisation)."""
+    return not isinstance(KL_factor, Number) or (math.isfinite(KL_factor) and KL_factor >= 0)
+
+
+def prior_total(prior_mean: Tensor, prior_scale: Tensor) -> Tensor:
+    """A 0-d tensor that is finite if ``prior_mean`` and ``prior_scale`` are: NaN and infinities
+    propagate into it (an overflow of large finite values only sends the caller to its elementwise
+    checks). One op for the usual 0-d priors."""
+    total = prior_mean + prior_scale
+    return total if total.dim() == 0 else total.sum()
+
+
+def check_prior_values(prefix: str, prior_mean: Tensor, prior_scale: Tensor, KL_factor: object) -> None:
+    """
+    The prior ``{prefix}_prior_mean`` is finite, ``{prefix}_prior_scale`` finite and strictly
+    positive, and ``KL_factor`` (if a number) finite and non-negative: a NaN or infinity in any
+    of them makes the folded KL NaN or infinite. Raises ``ValueError`` naming the argument.
+    """
+    if not torch.isfinite(prior_mean).all():
+        raise ValueError(f"{prefix}_prior_mean contains NaN or infinite values")
+    if not (prior_scale > 0).all() or not torch.isfinite(prior_scale).all():
+        raise ValueError(f"{prefix}_prior_scale must be strictly positive and finite")
+    if not valid_kl_factor(KL_factor):
+        raise ValueError(f"KL_factor must be a finite non-negative number, got {KL_factor}")
 
 
 def check_value_shape(d: Distribution, value: Tensor) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from numbers import Number
 from typing import Callable
 
 import torch
@@ -15,7 +14,15 @@ from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
 from bnnpyro.distributions._shapes import broadcast_shapes
-from bnnpyro.distributions._validation import check_float_tensors, check_rows, check_value_shape
+from bnnpyro.distributions._validation import (
+    check_float_tensors,
+    check_prior_shape,
+    check_prior_values,
+    check_rows,
+    check_value_shape,
+    prior_total,
+    valid_kl_factor,
+)
 from bnnpyro.distributions.hidden_layer import ESTIMATORS, random_signs
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
@@ -166,6 +173,8 @@ class ConvLayer(TorchDistribution):
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if not callable(non_linearity):
             raise TypeError(f"non_linearity must be callable, got {type(non_linearity).__name__}")
+        check_prior_shape("W_prior_mean", W_prior_mean, W_mean.shape, "W_mean")
+        check_prior_shape("W_prior_scale", W_prior_scale, W_mean.shape, "W_mean")
         rows = X.size(-(d + 2))
         check_rows("X", X, rows)
         KL_factor = minibatch_kl_factor(rows, KL_factor, dataset_size)
@@ -225,14 +234,14 @@ class ConvLayer(TorchDistribution):
 
     def _check_values(self) -> None:
         # fast path, one fused check: NaN/inf propagate into the sums
-        total = self.X.sum() + self.W_mean.sum() + self.W_scale.sum()
+        prior_mean, prior_scale = torch.as_tensor(self.W_prior_mean), torch.as_tensor(self.W_prior_scale)
+        total = self.X.sum() + self.W_mean.sum() + self.W_scale.sum() + prior_total(prior_mean, prior_scale)
         positive = self.W_scale.min() > 0
         if self.bias_mean is not None:
             total = total + self.bias_mean.sum() + self.bias_scale.sum()
             positive = positive & (self.bias_scale.min() > 0)
-        prior_scale = torch.as_tensor(self.W_prior_scale)
         if bool(torch.isfinite(total)) and bool(positive) and bool((prior_scale > 0).all()):
-            if not (isinstance(self.KL_factor, Number) and self.KL_factor < 0):
+            if valid_kl_factor(self.KL_factor):
                 return
         if not torch.isfinite(self.X).all():
             raise ValueError("X contains NaN or infinite values")
@@ -245,10 +254,7 @@ class ConvLayer(TorchDistribution):
                 raise ValueError("bias_mean contains NaN or infinite values")
             if not (self.bias_scale > 0).all() or not torch.isfinite(self.bias_scale).all():
                 raise ValueError("bias_scale must be finite and strictly positive")
-        if not (prior_scale > 0).all():
-            raise ValueError("W_prior_scale must be strictly positive")
-        if isinstance(self.KL_factor, Number) and self.KL_factor < 0:
-            raise ValueError(f"KL_factor must be non-negative, got {self.KL_factor}")
+        check_prior_values("W", prior_mean, prior_scale, self.KL_factor)
 
     @property
     def support(self):

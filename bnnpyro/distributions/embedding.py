@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from numbers import Number
 
 import torch
 from pyro.distributions.torch_distribution import TorchDistribution
@@ -13,7 +12,15 @@ from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
 from bnnpyro.distributions._shapes import broadcast_shapes
-from bnnpyro.distributions._validation import check_float_tensors, check_rows, check_value_shape
+from bnnpyro.distributions._validation import (
+    check_float_tensors,
+    check_prior_shape,
+    check_prior_values,
+    check_rows,
+    check_value_shape,
+    prior_total,
+    valid_kl_factor,
+)
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
 EMBEDDING_ESTIMATORS = ("local_reparameterization", "weight_space")
@@ -110,6 +117,8 @@ class EmbeddingLayer(TorchDistribution):
             if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) or not -V <= padding_idx < V:
                 raise ValueError(f"padding_idx must be an int in [-{V}, {V}) (V = W_mean.size(0)), got {padding_idx!r}")
             padding_idx %= V
+        check_prior_shape("W_prior_mean", W_prior_mean, W_mean.shape, "W_mean")
+        check_prior_shape("W_prior_scale", W_prior_scale, W_mean.shape, "W_mean")
         rows = input.size(-2)
         check_rows("input", input, rows)
         KL_factor = minibatch_kl_factor(rows, KL_factor, dataset_size)
@@ -139,20 +148,17 @@ class EmbeddingLayer(TorchDistribution):
                 f"input token ids must lie in [0, {V}) (V = W_mean.size(0)), got range "
                 f"[{int(self.input.min())}, {int(self.input.max())}]"
             )
-        prior_scale = torch.as_tensor(self.W_prior_scale)
+        prior_mean, prior_scale = torch.as_tensor(self.W_prior_mean), torch.as_tensor(self.W_prior_scale)
         # fast path, one fused check: NaN/inf propagate into the sum
-        total = self.W_mean.sum() + self.W_scale.sum()
+        total = self.W_mean.sum() + self.W_scale.sum() + prior_total(prior_mean, prior_scale)
         if bool(torch.isfinite(total)) and bool(self.W_scale.min() > 0) and bool((prior_scale > 0).all()):
-            if not (isinstance(self.KL_factor, Number) and self.KL_factor < 0):
+            if valid_kl_factor(self.KL_factor):
                 return
         if not torch.isfinite(self.W_mean).all():
             raise ValueError("W_mean contains NaN or infinite values")
         if not (self.W_scale > 0).all() or not torch.isfinite(self.W_scale).all():
             raise ValueError("W_scale must be finite and strictly positive")
-        if not (prior_scale > 0).all():
-            raise ValueError("W_prior_scale must be strictly positive")
-        if isinstance(self.KL_factor, Number) and self.KL_factor < 0:
-            raise ValueError(f"KL_factor must be non-negative, got {self.KL_factor}")
+        check_prior_values("W", prior_mean, prior_scale, self.KL_factor)
 
     def expand(self, batch_shape, _instance=None) -> "EmbeddingLayer":
         new = self._get_checked_instance(EmbeddingLayer, _instance)

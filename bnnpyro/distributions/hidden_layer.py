@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from numbers import Number
 from typing import Callable
 
 import torch
@@ -15,7 +14,15 @@ from torch.distributions.utils import lazy_property
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bnnpyro.distributions._shapes import broadcast_shapes
-from bnnpyro.distributions._validation import check_float_tensors, check_rows, check_value_shape
+from bnnpyro.distributions._validation import (
+    check_float_tensors,
+    check_prior_shape,
+    check_prior_values,
+    check_rows,
+    check_value_shape,
+    prior_total,
+    valid_kl_factor,
+)
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
 
@@ -276,6 +283,8 @@ class HiddenLayer(TorchDistribution):
             )
         if not callable(non_linearity):
             raise TypeError(f"non_linearity must be callable, got {type(non_linearity).__name__}")
+        check_prior_shape("A_prior_mean", A_prior_mean, A_mean.shape, "A_mean")
+        check_prior_shape("A_prior_scale", A_prior_scale, A_mean.shape, "A_mean")
         rows = X.size(-2) if X.dim() >= 2 else 1
         check_rows("X", X, rows)
         KL_factor = minibatch_kl_factor(rows, KL_factor, dataset_size)
@@ -312,12 +321,12 @@ class HiddenLayer(TorchDistribution):
         # fast path, one fused check: NaN/inf propagate into the sums. An X drawn by another
         # HiddenLayer (a hidden layer's output) is not summed again: it is finite wherever that
         # layer's arguments are, and under a plate of S posterior samples it is S x B x H.
-        total = self.A_mean.sum() + self.A_scale.sum()
+        prior_mean, prior_scale = torch.as_tensor(self.A_prior_mean), torch.as_tensor(self.A_prior_scale)
+        total = self.A_mean.sum() + self.A_scale.sum() + prior_total(prior_mean, prior_scale)
         if self.X not in _ACTIVATIONS:
             total = total + self.X.sum()
-        prior_scale = torch.as_tensor(self.A_prior_scale)
         if bool(torch.isfinite(total)) and bool(self.A_scale.min() > 0) and bool((prior_scale > 0).all()):
-            if not (isinstance(self.KL_factor, Number) and self.KL_factor < 0):
+            if valid_kl_factor(self.KL_factor):
                 return
         if not torch.isfinite(self.X).all():
             raise ValueError("X contains NaN or infinite values")
@@ -325,10 +334,7 @@ class HiddenLayer(TorchDistribution):
             raise ValueError("A_mean contains NaN or infinite values")
         if not (self.A_scale > 0).all() or not torch.isfinite(self.A_scale).all():
             raise ValueError("A_scale must be finite and strictly positive")
-        if not (prior_scale > 0).all():
-            raise ValueError("A_prior_scale must be strictly positive")
-        if isinstance(self.KL_factor, Number) and self.KL_factor < 0:
-            raise ValueError(f"KL_factor must be non-negative, got {self.KL_factor}")
+        check_prior_values("A", prior_mean, prior_scale, self.KL_factor)
 
     def expand(self, batch_shape, _instance=None) -> "HiddenLayer":
         new = self._get_checked_instance(HiddenLayer, _instance)

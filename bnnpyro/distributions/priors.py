@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from numbers import Real
 
 import torch
 from pyro.distributions import Normal
@@ -102,6 +103,11 @@ class Prior:
     def __post_init__(self) -> None:
         if self.kind not in ("normal", "scale_mixture"):
             raise ValueError(f"Prior kind must be 'normal' or 'scale_mixture', got {self.kind!r}")
+        # the layers build their prior distributions from these fields without validating them again
+        for name in ("mean", "scale", "pi", "sigma1", "sigma2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+                raise ValueError(f"Prior {name} must be a finite number, got {value!r}")
         if self.scale <= 0 or self.sigma1 <= 0 or self.sigma2 <= 0:
             raise ValueError("prior scales must be positive")
         if not 0 < self.pi < 1:
@@ -169,7 +175,8 @@ class NormalPrior(ParameterPrior):
     :param learn_scale: learn ``scale`` as a :class:`~pyro.nn.PyroParam`.
 
     Raises:
-        ValueError: ``loc`` or ``scale`` does not broadcast to ``shape``; ``scale`` not positive.
+        ValueError: ``loc`` or ``scale`` does not broadcast to ``shape``; ``loc`` not finite;
+            ``scale`` not positive and finite.
 
     Reference: Krishnan, R., Subedar, M., Tickoo, O. (2020). Specifying weight priors in Bayesian
     deep neural networks with empirical Bayes. AAAI.
@@ -185,8 +192,10 @@ class NormalPrior(ParameterPrior):
         super().__init__(shape)
         loc = _prior_tensor("loc", loc, self.shape, torch.get_default_dtype())
         scale = _prior_tensor("scale", scale, self.shape, loc.dtype)
-        if not (scale > 0).all():
-            raise ValueError("scale must be positive")
+        if not torch.isfinite(loc).all():
+            raise ValueError("loc contains NaN or infinite values")
+        if not ((scale > 0) & torch.isfinite(scale)).all():
+            raise ValueError("scale must be positive and finite")
         self.learn_scale = bool(learn_scale)
         self.register_buffer("loc", loc)
         if self.learn_scale:

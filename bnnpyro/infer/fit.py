@@ -103,6 +103,28 @@ def _snapshot_param_store() -> dict:
     return {"params": params, "constraints": state["constraints"]}
 
 
+def _restore_param_store(state: dict) -> None:
+    """
+    Write a :func:`_snapshot_param_store` back into the param store, **in place**: its tensors are
+    also those of the modules that registered them (a catalogue model's own parameters, which its
+    guide computes with, an autoguide's), so replacing them in the store
+    (:meth:`~pyro.params.param_store.ParamStoreDict.set_state`) left the modules, and so the guide
+    and :func:`bnnpyro.save`, at their last values. A parameter no longer in the store (or of
+    another shape) is set again.
+    """
+    store = pyro.get_param_store()
+    current = dict(store.named_parameters())
+    missing = {}
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            if name in current and current[name].shape == value.shape:
+                current[name].copy_(value)
+            else:
+                missing[name] = value
+    if missing:
+        store.set_state({"params": missing, "constraints": {n: state["constraints"][n] for n in missing}})
+
+
 def fit(
     model: Callable[..., Any],
     guide: Callable[..., Any],
@@ -155,9 +177,9 @@ def fit(
     epoch. With ``patience``, training stops once ``patience`` successive
     validations have not improved on the best one, and the param store is
     restored to the state of the best validation, also when all ``epochs``
-    ran. Restoring replaces the store's tensors by copies
-    (:meth:`~pyro.params.param_store.ParamStoreDict.set_state`), so an
-    optimizer reused afterwards starts fresh moment estimates.
+    ran. Restoring copies the best values into the store's tensors in
+    place, which are also the modules' (a catalogue model's parameters, an
+    autoguide's), so the guide and :func:`bnnpyro.save` see them.
 
     :param callable model: Pyro model ``model(x, y=None)``.
     :param callable guide: Pyro guide ``guide(x, y=None)``.
@@ -291,5 +313,5 @@ def fit(
                 break
 
     if best_state is not None and history.best_epoch != epoch:
-        pyro.get_param_store().set_state(best_state)
+        _restore_param_store(best_state)
     return history

@@ -130,8 +130,10 @@ class _Converter:
             if self.excluded(full):
                 setattr(layer, name, nn.Parameter(value))
                 continue
+            # in the parameter's dtype and on its device (a Prior or the fan_in rule builds its tensors
+            # in the default dtype on the CPU), so that the weight draws are too
             priors[name] = _make_prior(self.prior, full, name, params, self.pretrained_scale,
-                                       self.learn_prior_scale)
+                                       self.learn_prior_scale).to(device=value.device, dtype=value.dtype)
             layer.register_buffer(f"{name}_pretrained", value, persistent=False)
         if isinstance(layer, (BayesianLinear, BayesianLSTM, BayesianEmbedding)):
             layer.prior = None  # the layer's own i.i.d. prior is replaced by `priors`

@@ -222,7 +222,7 @@ def _predictive_pass(
     def wrap(fn: Callable) -> Callable:
         return fn if plate is None else plate(fn)
 
-    global_values: dict[str, Tensor] | None = None
+    global_trace: poutine.Trace | None = None
     outputs = []
     extra: dict[str, Tensor] = {}
     start = 0
@@ -230,21 +230,24 @@ def _predictive_pass(
         chunk = x[start : start + chunk_size]
         first = start == 0
         start += chunk_size
-        guide_fn = wrap(guide) if first else poutine.condition(wrap(guide), global_values)
+        # replayed, not conditioned: a conditioned site is observed, and the model's replay of
+        # an observed guide site fails ("must be sampled in trace")
+        guide_fn = wrap(guide) if first else poutine.replay(wrap(guide), trace=global_trace)
         # argument checks on the first pass only: the later ones differ from it only in rows of x
         checks = contextlib.nullcontext() if first else pyro.validation_enabled(False)
         with checks:
             guide_trace = poutine.trace(guide_fn).get_trace(chunk, **kwargs)
             f = poutine.replay(wrap(model), trace=guide_trace)(chunk, **kwargs)
         if first:
-            global_values = {
-                name: site["value"] for name, site in guide_trace.iter_stochastic_nodes() if _is_global(site)
-            }
+            global_trace = guide_trace.copy()
+            for name, site in list(global_trace.nodes.items()):
+                if site["type"] != "sample" or site["is_observed"] or not _is_global(site):
+                    global_trace.remove_node(name)
             for name in return_sites:
                 if name not in guide_trace.nodes:
                     raise ValueError(f"return_sites: {name!r} is not a site of the guide")
                 extra[name] = guide_trace.nodes[name]["value"]
-            kept = [*global_values.values(), *extra.values()]
+            kept = [*(site["value"] for site in global_trace.nodes.values()), *extra.values()]
         if not torch.is_tensor(f):
             raise TypeError("the model must return the network output f as a tensor")
         if f.dim() < 2 or f.size(-2) != len(chunk):
