@@ -546,3 +546,40 @@ def test_log_prob_checks_the_value_shape_only():
     nan = torch.full_like(value, float("nan"))
     torch.testing.assert_close(layer.log_prob(nan), layer.log_prob(value))
     assert torch.isfinite(layer.log_prob(nan)).all()
+
+
+@pytest.mark.parametrize("lead", [(5,), (3, 4)])
+def test_pre_activation_std_gradients(lead):
+    """``_PreActivationStd``'s hand-written backward (used by :meth:`pre_activation_moments` and by
+    every draw that is not the fused training draw: a ``sample_shape``, or ``X`` expanded over
+    vectorized particles): ``gradcheck`` in float64 against finite differences, and equal gradients
+    to autograd through ``sqrt((X*X) @ (A_scale*A_scale))``."""
+    from bnnpyro.distributions.hidden_layer import _PreActivationStd
+
+    X = torch.randn(*lead, 6, dtype=torch.float64, requires_grad=True)
+    S = torch.rand(6, 4, dtype=torch.float64).add(0.1).requires_grad_()
+    assert torch.autograd.gradcheck(_PreActivationStd.apply, (X, S))
+    out = _PreActivationStd.apply(X, S)
+    ref = ((X * X) @ (S * S)).sqrt()
+    g = torch.randn_like(out)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad(out, (X, S), g), torch.autograd.grad(ref, (X, S), g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_sampled_draw_gradients_match_the_reparameterized_composition():
+    """A draw with a ``sample_shape`` under autograd (the unfused path) has the gradients of
+    ``X @ A_mean + eps * sqrt(X^2 @ A_scale^2)`` for its own noise ``eps``, recovered from the draw
+    itself as ``(h - mean) / std`` with the moments computed independently."""
+    X = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    A_mean = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    A_scale = torch.rand(3, 4, dtype=torch.float64).add(0.2).requires_grad_()
+    h = HiddenLayer(X, A_mean, A_scale, identity, include_hidden_bias=False).rsample((7,))
+    with torch.no_grad():
+        eps = (h - X @ A_mean) / ((X * X) @ (A_scale * A_scale)).sqrt()
+    ref = X @ A_mean + eps * ((X * X) @ (A_scale * A_scale)).sqrt()
+    torch.testing.assert_close(h, ref)
+    g = torch.randn_like(h)
+    for a, b in zip(torch.autograd.grad(h, (X, A_mean, A_scale), g),
+                    torch.autograd.grad(ref, (X, A_mean, A_scale), g)):
+        torch.testing.assert_close(a, b)
