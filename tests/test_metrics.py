@@ -234,6 +234,19 @@ def test_classwise_ece_hand():
     close(classwise_ece(PROBS, LABELS, num_bins=2), 2.6 / 9)
 
 
+def test_nll_floor_eps():
+    # a zero probability on the label is floored at eps: -(log eps + log 0.3 + log 0.5) / 3
+    probs = torch.tensor([[0.0, 0.2, 0.8], [0.1, 0.3, 0.6], [0.4, 0.5, 0.1]])
+    for eps in (1e-3, 1e-6):
+        close(nll(probs, LABELS, eps=eps), -(math.log(eps) + math.log(0.3) + math.log(0.5)) / 3)
+    # the floor only acts below eps: the hand value of PROBS is unchanged by eps = 0.25 < 0.3
+    close(nll(PROBS, LABELS, eps=0.25), 0.751265)
+    close(nll(PROBS, LABELS, eps=0.4), -(math.log(0.7) + math.log(0.4) + math.log(0.5)) / 3)
+    # eps = 0 is raised to the dtype's smallest normal number: finite, -log(tiny) / 3
+    tiny = torch.finfo(torch.float32).tiny
+    close(nll(probs, LABELS, eps=0.0), -(math.log(tiny) + math.log(0.3) + math.log(0.5)) / 3, atol=1e-4)
+
+
 def test_one_hot_predictions_are_perfect():
     onehot = torch.eye(3)[LABELS]
     close(brier(onehot, LABELS), 0.0)
@@ -304,6 +317,10 @@ def test_logits_match_probs():
     probs = logits.softmax(-1)
     for fn in (predictive_entropy, expected_entropy, mutual_information):
         close(fn(logits, logits=True), fn(probs))
+    # N x C logits (predictive_entropy's mean-prediction form): softmaxed, not read as probabilities;
+    # logits (0, log 3) are probabilities (1/4, 3/4), entropy log 4 - (3/4) log 3 = 0.562335
+    close(predictive_entropy(logits[0], logits=True), predictive_entropy(probs[0]))
+    close(predictive_entropy(torch.tensor([[0.0, math.log(3)]]), logits=True), [0.562335])
 
 
 # -- AUROC -----------------------------------------------------------------------------
