@@ -414,6 +414,32 @@ def test_non_tensor_raises_type_error():
         predictive_mean([[1.0, 2.0]])
 
 
+def test_evaluate_regression_reports_original_units():
+    """A predictive in original units (``y_scale=1``) and the same predictive standardized,
+    ``(. - m) / s`` for targets and means, ``/ s`` for noise, with ``y_scale=s``: the same numbers
+    (the log-likelihood of a density under y -> (y - m) / s gains log s). Plus the metrics by hand
+    on the original units: RMSE of the sample mean, and a single-sample Normal's log density and
+    95% interval."""
+    from bnnpyro.predict import evaluate_regression
+
+    g = gen()
+    mean = 3 * torch.randn(7, 9, generator=g, dtype=torch.float64) + 10
+    noise = torch.rand(7, 9, generator=g, dtype=torch.float64) + 0.5
+    y = mean[0] + noise[0] * torch.randn(9, generator=g, dtype=torch.float64)
+    m, s = 10.0, 4.0
+    original = evaluate_regression(mean, noise, y)
+    scaled = evaluate_regression((mean - m) / s, noise / s, (y - m) / s, y_scale=s)
+    assert set(original) == {"rmse", "log_likelihood", "coverage", "interval_width", "mean_std"}
+    for key, value in original.items():
+        assert scaled[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert original["rmse"] == pytest.approx(float((mean.mean(0) - y).square().mean().sqrt()), rel=1e-9)
+    one = evaluate_regression(mean[:1], noise[:1], y, level=0.9)
+    normal = torch.distributions.Normal(mean[0], noise[0])
+    assert one["log_likelihood"] == pytest.approx(float(normal.log_prob(y).mean()), rel=1e-9)
+    assert one["interval_width"] == pytest.approx(float(2 * 1.6448536269514722 * noise[0].mean()), rel=1e-6)
+    assert one["mean_std"] == pytest.approx(float(noise[0].mean()), rel=1e-9)
+
+
 def test_evaluate_classification_hand_computed():
     """Two draws, two points, two classes: every entry by hand. Point 0 (label 0): draws (0.8, 0.2)
     and (0.6, 0.4), mean (0.7, 0.3); point 1 (label 1): both draws (0.1, 0.9), mean (0.1, 0.9)."""
