@@ -376,15 +376,23 @@ def test_svi_fits_informative_data():
     X, y = _linear_data(N, informative=True, seed=1)
     Xt, yt = _linear_data(200, informative=True, seed=2)
     model, guide = _linear_model_guide(N)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), TraceMeanField_ELBO())
-    for step in range(800):
+    # a learning rate decaying 0.05 -> 0.005: at a constant 0.05 the scales stall at 5-7x the
+    # optimum (Adam's noise floor), and a fixed bound there passed or failed with the seed
+    steps = 800
+    optim = pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.1 ** (1 / steps)})
+    svi = SVI(model, guide, optim, TraceMeanField_ELBO())
+    for step in range(steps):
         idx = torch.randint(0, N, (32,))
         svi.step(X[idx], y[idx])
     pred = Xt @ pyro.param("A_mean").detach()
     rmse = (pred.squeeze(-1) - yt).pow(2).mean().sqrt().item()
     assert rmse < 0.15  # noise std is 0.1
-    # the posterior over weights concentrates (exact posterior std ~ 0.1 / sqrt(N) = 0.005)
-    assert F.softplus(pyro.param("A_rho")).max().item() < 0.03
+    # the posterior over weights concentrates to the mean-field optimum of this Gaussian linear
+    # model, std 1 / sqrt(diag(X^T X / 0.1^2 + I)) ~ 0.005 per weight; measured ratios 0.94-1.14
+    # over 8 seeds, a bound of 4/3 either way
+    exact_sd = (X.T @ X / 0.1**2 + torch.eye(3)).diag().rsqrt()
+    ratio = F.softplus(pyro.param("A_rho")).detach().squeeze(-1) / exact_sd
+    assert ((ratio > 0.75) & (ratio < 1.33)).all(), ratio
 
 
 def test_two_layer_network_on_real_data():
