@@ -376,15 +376,23 @@ def test_svi_fits_informative_data():
     X, y = _linear_data(N, informative=True, seed=1)
     Xt, yt = _linear_data(200, informative=True, seed=2)
     model, guide = _linear_model_guide(N)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), TraceMeanField_ELBO())
-    for step in range(800):
+    # a learning rate decaying 0.05 -> 0.005: at a constant 0.05 the scales stall at 5-7x the
+    # optimum (Adam's noise floor), and a fixed bound there passed or failed with the seed
+    steps = 800
+    optim = pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.1 ** (1 / steps)})
+    svi = SVI(model, guide, optim, TraceMeanField_ELBO())
+    for step in range(steps):
         idx = torch.randint(0, N, (32,))
         svi.step(X[idx], y[idx])
     pred = Xt @ pyro.param("A_mean").detach()
     rmse = (pred.squeeze(-1) - yt).pow(2).mean().sqrt().item()
     assert rmse < 0.15  # noise std is 0.1
-    # the posterior over weights concentrates (exact posterior std ~ 0.1 / sqrt(N) = 0.005)
-    assert F.softplus(pyro.param("A_rho")).max().item() < 0.03
+    # the posterior over weights concentrates to the mean-field optimum of this Gaussian linear
+    # model, std 1 / sqrt(diag(X^T X / 0.1^2 + I)) ~ 0.005 per weight; measured ratios 0.94-1.14
+    # over 8 seeds, a bound of 4/3 either way
+    exact_sd = (X.T @ X / 0.1**2 + torch.eye(3)).diag().rsqrt()
+    ratio = F.softplus(pyro.param("A_rho")).detach().squeeze(-1) / exact_sd
+    assert ((ratio > 0.75) & (ratio < 1.33)).all(), ratio
 
 
 def test_two_layer_network_on_real_data():
@@ -584,3 +592,40 @@ def test_log_prob_checks_the_value_shape_only():
     nan = torch.full_like(value, float("nan"))
     torch.testing.assert_close(layer.log_prob(nan), layer.log_prob(value))
     assert torch.isfinite(layer.log_prob(nan)).all()
+
+
+@pytest.mark.parametrize("lead", [(5,), (3, 4)])
+def test_pre_activation_std_gradients(lead):
+    """``_PreActivationStd``'s hand-written backward (used by :meth:`pre_activation_moments` and by
+    every draw that is not the fused training draw: a ``sample_shape``, or ``X`` expanded over
+    vectorized particles): ``gradcheck`` in float64 against finite differences, and equal gradients
+    to autograd through ``sqrt((X*X) @ (A_scale*A_scale))``."""
+    from bnnpyro.distributions.hidden_layer import _PreActivationStd
+
+    X = torch.randn(*lead, 6, dtype=torch.float64, requires_grad=True)
+    S = torch.rand(6, 4, dtype=torch.float64).add(0.1).requires_grad_()
+    assert torch.autograd.gradcheck(_PreActivationStd.apply, (X, S))
+    out = _PreActivationStd.apply(X, S)
+    ref = ((X * X) @ (S * S)).sqrt()
+    g = torch.randn_like(out)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad(out, (X, S), g), torch.autograd.grad(ref, (X, S), g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_sampled_draw_gradients_match_the_reparameterized_composition():
+    """A draw with a ``sample_shape`` under autograd (the unfused path) has the gradients of
+    ``X @ A_mean + eps * sqrt(X^2 @ A_scale^2)`` for its own noise ``eps``, recovered from the draw
+    itself as ``(h - mean) / std`` with the moments computed independently."""
+    X = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    A_mean = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    A_scale = torch.rand(3, 4, dtype=torch.float64).add(0.2).requires_grad_()
+    h = HiddenLayer(X, A_mean, A_scale, identity, include_hidden_bias=False).rsample((7,))
+    with torch.no_grad():
+        eps = (h - X @ A_mean) / ((X * X) @ (A_scale * A_scale)).sqrt()
+    ref = X @ A_mean + eps * ((X * X) @ (A_scale * A_scale)).sqrt()
+    torch.testing.assert_close(h, ref)
+    g = torch.randn_like(h)
+    for a, b in zip(torch.autograd.grad(h, (X, A_mean, A_scale), g),
+                    torch.autograd.grad(ref, (X, A_mean, A_scale), g)):
+        torch.testing.assert_close(a, b)

@@ -234,6 +234,19 @@ def test_classwise_ece_hand():
     close(classwise_ece(PROBS, LABELS, num_bins=2), 2.6 / 9)
 
 
+def test_nll_floor_eps():
+    # a zero probability on the label is floored at eps: -(log eps + log 0.3 + log 0.5) / 3
+    probs = torch.tensor([[0.0, 0.2, 0.8], [0.1, 0.3, 0.6], [0.4, 0.5, 0.1]])
+    for eps in (1e-3, 1e-6):
+        close(nll(probs, LABELS, eps=eps), -(math.log(eps) + math.log(0.3) + math.log(0.5)) / 3)
+    # the floor only acts below eps: the hand value of PROBS is unchanged by eps = 0.25 < 0.3
+    close(nll(PROBS, LABELS, eps=0.25), 0.751265)
+    close(nll(PROBS, LABELS, eps=0.4), -(math.log(0.7) + math.log(0.4) + math.log(0.5)) / 3)
+    # eps = 0 is raised to the dtype's smallest normal number: finite, -log(tiny) / 3
+    tiny = torch.finfo(torch.float32).tiny
+    close(nll(probs, LABELS, eps=0.0), -(math.log(tiny) + math.log(0.3) + math.log(0.5)) / 3, atol=1e-4)
+
+
 def test_one_hot_predictions_are_perfect():
     onehot = torch.eye(3)[LABELS]
     close(brier(onehot, LABELS), 0.0)
@@ -304,6 +317,10 @@ def test_logits_match_probs():
     probs = logits.softmax(-1)
     for fn in (predictive_entropy, expected_entropy, mutual_information):
         close(fn(logits, logits=True), fn(probs))
+    # N x C logits (predictive_entropy's mean-prediction form): softmaxed, not read as probabilities;
+    # logits (0, log 3) are probabilities (1/4, 3/4), entropy log 4 - (3/4) log 3 = 0.562335
+    close(predictive_entropy(logits[0], logits=True), predictive_entropy(probs[0]))
+    close(predictive_entropy(torch.tensor([[0.0, math.log(3)]]), logits=True), [0.562335])
 
 
 # -- AUROC -----------------------------------------------------------------------------
@@ -395,6 +412,32 @@ def test_bad_inputs_raise_value_error(call, message):
 def test_non_tensor_raises_type_error():
     with pytest.raises(TypeError, match="samples must be a torch.Tensor"):
         predictive_mean([[1.0, 2.0]])
+
+
+def test_evaluate_regression_reports_original_units():
+    """A predictive in original units (``y_scale=1``) and the same predictive standardized,
+    ``(. - m) / s`` for targets and means, ``/ s`` for noise, with ``y_scale=s``: the same numbers
+    (the log-likelihood of a density under y -> (y - m) / s gains log s). Plus the metrics by hand
+    on the original units: RMSE of the sample mean, and a single-sample Normal's log density and
+    95% interval."""
+    from bnnpyro.predict import evaluate_regression
+
+    g = gen()
+    mean = 3 * torch.randn(7, 9, generator=g, dtype=torch.float64) + 10
+    noise = torch.rand(7, 9, generator=g, dtype=torch.float64) + 0.5
+    y = mean[0] + noise[0] * torch.randn(9, generator=g, dtype=torch.float64)
+    m, s = 10.0, 4.0
+    original = evaluate_regression(mean, noise, y)
+    scaled = evaluate_regression((mean - m) / s, noise / s, (y - m) / s, y_scale=s)
+    assert set(original) == {"rmse", "log_likelihood", "coverage", "interval_width", "mean_std"}
+    for key, value in original.items():
+        assert scaled[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert original["rmse"] == pytest.approx(float((mean.mean(0) - y).square().mean().sqrt()), rel=1e-9)
+    one = evaluate_regression(mean[:1], noise[:1], y, level=0.9)
+    normal = torch.distributions.Normal(mean[0], noise[0])
+    assert one["log_likelihood"] == pytest.approx(float(normal.log_prob(y).mean()), rel=1e-9)
+    assert one["interval_width"] == pytest.approx(float(2 * 1.6448536269514722 * noise[0].mean()), rel=1e-6)
+    assert one["mean_std"] == pytest.approx(float(noise[0].mean()), rel=1e-9)
 
 
 def test_evaluate_classification_hand_computed():

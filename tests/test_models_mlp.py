@@ -200,3 +200,33 @@ def test_regressor_arguments_are_checked_by_name(kwargs, match):
     make the heteroscedastic noise scale negative)."""
     with pytest.raises(ValueError, match=match):
         BayesianMLPRegressor(3, dataset_size=10, **kwargs)
+
+
+def test_noise_models_and_fan_in_prior_follow_the_documented_formulas():
+    """``mean_and_scale`` against the docstring: learned noise starts at ``noise_scale``, fixed noise
+    is ``noise_scale``, heteroscedastic noise is ``softplus(f[..., out:]) + min_noise``; and
+    ``prior_scale="fan_in"`` puts N(0, 1/fan_in) on every weight of a layer with fan_in inputs
+    (the bias row included), checked through ``kl()`` against torch's Normal-Normal KL."""
+    from torch.distributions import Normal, kl_divergence
+
+    f = torch.randn(6, 5, 1)
+    for noise in ("learned", "fixed"):
+        m = BayesianMLPRegressor(3, hidden=(4,), dataset_size=10, noise=noise, noise_scale=0.37)
+        mean, scale = m.mean_and_scale(f)
+        torch.testing.assert_close(mean, f.squeeze(-1))
+        torch.testing.assert_close(scale, torch.full((6, 5), 0.37))
+    m = BayesianMLPRegressor(3, out_features=2, hidden=(4,), dataset_size=10, noise="heteroscedastic", min_noise=0.05)
+    f = torch.randn(6, 5, 4)
+    mean, scale = m.mean_and_scale(f)
+    torch.testing.assert_close(mean, f[..., :2])
+    torch.testing.assert_close(scale, torch.log1p(torch.exp(f[..., 2:])) + 0.05)
+    # fan_in: layers 3 -> 7 -> 2, weights (3 + 1) x 7 with prior std 1/sqrt(3), (7 + 1) x 2 with 1/sqrt(7)
+    m = BayesianMLPClassifier(3, 2, hidden=(7,), dataset_size=10, prior_scale="fan_in", init_scale=0.1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    expected = sum(
+        kl_divergence(Normal(m.A_mean[i], torch.nn.functional.softplus(m.A_rho[i])), Normal(0.0, s)).sum()
+        for i, s in enumerate((1 / math.sqrt(3), 1 / math.sqrt(7)))
+    )
+    torch.testing.assert_close(m.kl(), expected)

@@ -313,3 +313,30 @@ def test_two_models_in_one_process_keep_their_own_noise_scale():
     assert b.sigma.item() > 2.0 and a.sigma.item() == a_sigma
     # the sample sites keep their plain names
     assert "layers.0.weight" in poutine.trace(b).get_trace(x, y).nodes
+
+
+def test_scale_mixture_normal_density_and_draws():
+    """``ScaleMixtureNormal`` against its definition: log density equal to torch's
+    ``MixtureSameFamily`` of N(0, sigma1^2) with weight pi and N(0, sigma2^2); draws (200k) with the
+    mixture's second moment and its mass near zero, within 5 Monte Carlo standard errors."""
+    import math
+
+    pi, s1, s2 = 0.25, 1.0, 0.01
+    d = ScaleMixtureNormal(torch.tensor(pi, dtype=torch.float64), s1, s2)
+    ref = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(torch.tensor([pi, 1 - pi], dtype=torch.float64)),
+        torch.distributions.Normal(torch.zeros(2, dtype=torch.float64), torch.tensor([s1, s2], dtype=torch.float64)),
+    )
+    w = torch.tensor([-2.0, -0.3, -0.01, 0.0, 0.004, 0.05, 1.5], dtype=torch.float64)
+    torch.testing.assert_close(d.log_prob(w), ref.log_prob(w))
+    torch.testing.assert_close(d.variance, torch.tensor(pi * s1**2 + (1 - pi) * s2**2, dtype=torch.float64))
+    n = 200_000
+    draws = d.expand((n,)).sample()
+    # E[w^2] = pi s1^2 + (1 - pi) s2^2; Var[w^2] = 3 (pi s1^4 + (1 - pi) s2^4) - E[w^2]^2
+    m2 = pi * s1**2 + (1 - pi) * s2**2
+    se = math.sqrt((3 * (pi * s1**4 + (1 - pi) * s2**4) - m2**2) / n)
+    assert abs(draws.square().mean().item() - m2) < 5 * se
+    # P(|w| < 0.05) = pi (2 Phi(0.05 / s1) - 1) + (1 - pi) (2 Phi(5) - 1); binomial standard error
+    ndtr = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
+    p = pi * (2 * ndtr(0.05 / s1) - 1) + (1 - pi) * (2 * ndtr(0.05 / s2) - 1)
+    assert abs((draws.abs() < 0.05).double().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
