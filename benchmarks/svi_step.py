@@ -14,8 +14,10 @@ Columns: ``torch`` (deterministic ``nn.Sequential`` + ``torch.optim.Adam``, MSE/
 sampling), and ``pyro-floor``: Pyro's own per-step cost for the catalogue model's structure with no
 network (the same subsampled plate, one latent ``Normal`` site per layer, the same likelihood family
 and the same number of parameters, all scalars; ``TraceMeanField_ELBO``, analytic KL, Adam), what no
-trimming of the network can remove. ``JitTraceMeanField_ELBO`` was tried and was 8-100x *slower*
-here (it re-traces), so it is not listed.
+trimming of the network can remove. ``hand-jit`` and ``autonormal-jit``: the same models with
+``bnnpyro.infer.JitTraceMeanField_ELBO``, the loss compiled once by ``torch.jit.trace`` (Pyro's own
+``JitTraceMeanField_ELBO`` traces again at every step and is 10x slower than no JIT here); they
+run the recorded graph without Pyro's per-step tracing, so they can go below ``pyro-floor``.
 
 Each column also reports the minor page faults per step (``getrusage``): glibc returns freed
 memory above its thresholds to the OS and faults it back in on the next allocation, which can cost
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 from pyro.infer import SVI, TraceMeanField_ELBO
 from torch import nn
 
-from bnnpyro.infer import AnalyticAutoNormal
+from bnnpyro.infer import AnalyticAutoNormal, JitTraceMeanField_ELBO
 from bnnpyro.models import BayesianMLPClassifier, BayesianMLPRegressor
 from bnnpyro.nn import BayesianMLP
 
@@ -115,6 +117,11 @@ def make_steps(in_features, hidden, out, regression, N=60000):
     net = BayesianMLP(in_features, out, hidden=hidden, dataset_size=N,
                       likelihood="regression" if regression else "classification")
     steps["autonormal"] = _svi_step(net, AnalyticAutoNormal(net), TraceMeanField_ELBO())
+    m_jit = cls(in_features, out, hidden=hidden, dataset_size=N)
+    steps["hand-jit"] = _svi_step(m_jit.model, m_jit.guide, JitTraceMeanField_ELBO())
+    net = BayesianMLP(in_features, out, hidden=hidden, dataset_size=N,
+                      likelihood="regression" if regression else "classification")
+    steps["autonormal-jit"] = _svi_step(net, AnalyticAutoNormal(net), JitTraceMeanField_ELBO())
     num_params = sum(1 for _ in m.parameters())
     steps["pyro-floor"] = _svi_step(*_pyro_floor(m.num_layers, num_params, regression, out, N), TraceMeanField_ELBO())
     return steps
@@ -138,8 +145,8 @@ def main() -> None:
             steps = make_steps(d, hidden, out, regression)
             times = {k: [] for k in steps}
             faults = dict.fromkeys(steps, 0)
-            for fn in steps.values():  # warm-up
-                for _ in range(3):
+            for fn in steps.values():  # warm-up (a compiled graph is optimized after its first runs)
+                for _ in range(5):
                     fn(x, y)
             for _ in range(args.repeats):
                 for k, fn in steps.items():

@@ -29,6 +29,14 @@ from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 _CONV = {1: F.conv1d, 2: F.conv2d}
 
 
+def _per_dim(value: int | tuple[int, ...], d: int, name: str, minimum: int) -> tuple[int, ...]:
+    """A convolution argument (``stride``, ``padding``, ``dilation``) as ``d`` ints of at least ``minimum``."""
+    values = (value,) * d if isinstance(value, int) else tuple(value)
+    if len(values) != d or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values):
+        raise ValueError(f"{name} must be an int of at least {minimum}, or {d} of them, got {value!r}")
+    return values
+
+
 class ConvLayer(TorchDistribution):
     r"""
     A convolution (``conv1d`` or ``conv2d``) with a factorised Gaussian over its
@@ -218,19 +226,27 @@ class ConvLayer(TorchDistribution):
         )
 
     def _output_shape(self) -> torch.Size:
-        """``C_out x spatial_out``, from torch's own shape rules (a convolution on the meta device)."""
+        """``C_out x spatial_out``: per spatial dim ``floor((L + 2p - dilation (k - 1) - 1) / stride) + 1``
+        (``padding="same"``: ``L``), torch's rule, in plain ints (so also under ``torch.jit.trace``)."""
         d = self.conv_dim
-        x = torch.empty((1,) + self.X.shape[-(d + 1):], device="meta", dtype=self.X.dtype)
-        w = torch.empty(self.W_mean.shape, device="meta", dtype=self.W_mean.dtype)
-        try:
-            out = _CONV[d](x, w, None, self.stride, self.padding, self.dilation, self.groups)
-        except RuntimeError as e:
+        spatial = [int(s) for s in self.X.shape[-d:]]
+        kernel = [int(s) for s in self.W_mean.shape[-d:]]
+        stride, dilation = _per_dim(self.stride, d, "stride", 1), _per_dim(self.dilation, d, "dilation", 1)
+        if self.padding == "same":
+            if any(s != 1 for s in stride):
+                raise ValueError(f"padding='same' needs stride 1, got stride={self.stride}")
+            out = spatial
+        else:
+            padding = (0,) * d if self.padding == "valid" else _per_dim(self.padding, d, "padding", 0)
+            out = [(L + 2 * p - dl * (k - 1) - 1) // s + 1
+                   for L, k, s, p, dl in zip(spatial, kernel, stride, padding, dilation)]
+        if min(out) < 1:
             raise ValueError(
-                f"X of spatial shape {tuple(self.X.shape[-d:])} does not fit the filters "
+                f"X of spatial shape {tuple(spatial)} does not fit the filters "
                 f"{tuple(self.W_mean.shape)} with stride={self.stride}, padding={self.padding}, "
-                f"dilation={self.dilation}: {e}"
-            ) from None
-        return out.shape[1:]
+                f"dilation={self.dilation}: the output would be {tuple(out)}"
+            )
+        return torch.Size((int(self.W_mean.shape[0]), *out))
 
     def _check_values(self) -> None:
         # fast path, one fused check: NaN/inf propagate into the sums
