@@ -18,11 +18,12 @@ def _metrics(out: str) -> dict[str, float]:
     return values
 
 
-@pytest.mark.parametrize("guide", ["hand", "auto-normal", "auto-lowrank"])
-def test_main_job_prints_metrics_and_writes_plot(tmp_path, capsys, guide):
+@pytest.mark.parametrize("guide, jit", [("hand", False), ("auto-normal", False), ("auto-lowrank", False),
+                                        ("hand", True), ("auto-lowrank", True)])
+def test_main_job_prints_metrics_and_writes_plot(tmp_path, capsys, guide, jit):
     plot = tmp_path / "pred.png"
     assert main(["--data", "yacht", "--epochs", "40", "--guide", guide, "--plot", str(plot),
-                 "--no-progress", "--num-samples", "100"]) == 0
+                 "--no-progress", "--num-samples", "100", *(["--jit"] if jit else [])]) == 0
     metrics = _metrics(capsys.readouterr().out)
     assert set(metrics) == {"test RMSE", "test log-likelihood", "95% coverage", "mean interval width"}
     assert 0 < metrics["test RMSE"] < 15  # yacht target std ~15
@@ -33,7 +34,7 @@ def test_main_job_prints_metrics_and_writes_plot(tmp_path, capsys, guide):
 def test_help_documents_the_options():
     out = subprocess.run([sys.executable, "-m", "bnnpyro", "--help"], capture_output=True, text=True,
                          check=True).stdout
-    for option in ("--data", "--split", "--model", "--guide", "--epochs", "--seed", "--device", "--plot"):
+    for option in ("--data", "--split", "--model", "--guide", "--epochs", "--seed", "--device", "--plot", "--jit"):
         assert option in out
     assert "interval coverage" in out and "(at --level)" in out and "%%" not in out
 
