@@ -17,7 +17,8 @@ on one fixed minibatch,
   output layer only, in the hidden layers only, in each hidden layer alone;
 * **ms per step**, interleaved with a deterministic ``nn.Sequential`` of the same sizes trained
   with Adam (median of repeats): ``svi``, a full ``svi.step`` (one particle, backward, Adam; adds
-  Pyro's per-step tracing), and ``torch``, the same objective computed by the same ``HiddenLayer``
+  Pyro's per-step tracing), ``svi-jit``, the same with ``bnnpyro.infer.JitTraceMeanField_ELBO``
+  (compiled once: no per-step tracing), and ``torch``, the same objective computed by the same ``HiddenLayer``
   distributions without Pyro (``rsample`` through the layers, ``(N/B) * cross-entropy + KL``,
   backward, ``torch.optim.Adam``): the cost of the estimator itself.
 
@@ -41,6 +42,7 @@ from pyro.infer import SVI, TraceMeanField_ELBO
 from torch import nn
 
 from bnnpyro.distributions import HiddenLayer
+from bnnpyro.infer import JitTraceMeanField_ELBO
 from bnnpyro.models import BayesianMLPClassifier
 from bnnpyro.nn.activations import identity, inverse_softplus
 
@@ -200,24 +202,28 @@ def main() -> None:
         m = _model(e, N, state)
         s = SVI(m.model, m.guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
         steps[f"{e} svi"] = lambda s=s: s.step(x, y)
+        m = _model(e, N, state)
+        s = SVI(m.model, m.guide, pyro.optim.Adam({"lr": 1e-3}), JitTraceMeanField_ELBO())
+        steps[f"{e} svi-jit"] = lambda s=s: s.step(x, y)
         steps[f"{e} torch"] = _torch_bayes_step(_model(e, N, state), x, y)
-    ms = interleaved_median_ms(steps, args.time_repeats)
+    ms = interleaved_median_ms(steps, args.time_repeats, warmup=5)  # a compiled graph is optimized after its first runs
 
     rows = []
     total = {e: sum(v) / len(v) for e, v in variance.items()}
     print(f"\n{source}, batch {args.batch}, {args.repeats} gradient draws, after {args.warmup} training steps")
     det = ms["deterministic"]
     print(f"{'estimator':<26} {'grad var (mean of layers)':>26} {'vs local reparam':>17} "
-          f"{'torch ms (x det.)':>18} {'svi ms (x det.)':>18}")
+          f"{'torch ms (x det.)':>18} {'svi ms (x det.)':>18} {'svi-jit ms (x det.)':>20}")
     print(f"{'deterministic (nn + Adam)':<26} {'-':>26} {'-':>17} {det:10.2f} (1.00x)")
     for e in ESTIMATORS:
-        t, v = ms[f"{e} torch"], ms[f"{e} svi"]
+        t, v, j = ms[f"{e} torch"], ms[f"{e} svi"], ms[f"{e} svi-jit"]
         row = {"estimator": e, "grad_var_per_layer": variance[e], "grad_var": total[e],
                "var_vs_local_reparameterization": total[e] / total["local_reparameterization"],
-               "torch_ms": t, "svi_ms": v, "torch_x_deterministic": t / det, "svi_x_deterministic": v / det}
+               "torch_ms": t, "svi_ms": v, "svi_jit_ms": j, "torch_x_deterministic": t / det,
+               "svi_x_deterministic": v / det, "svi_jit_x_deterministic": j / det}
         rows.append(row)
         print(f"{e:<26} {total[e]:26.3e} {row['var_vs_local_reparameterization']:16.1f}x "
-              f"{t:10.2f} ({t / det:.2f}x) {v:10.2f} ({v / det:.2f}x)")
+              f"{t:10.2f} ({t / det:.2f}x) {v:10.2f} ({v / det:.2f}x) {j:12.2f} ({j / det:.2f}x)")
     scales = torch.cat([F.softplus(state[f"A_rho.{layer}"]).flatten() for layer in range(base.num_layers)])
     print(f"posterior std measured at: median {scales.median():.4f}, mean {scales.mean():.4f}")
     write_json(args.out, {"data": source, "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
