@@ -16,6 +16,30 @@ def all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def check_float_batch(x: object, like: Tensor, shape_ok: bool, expected: str, dataset_size: int,
+                      training: bool, unit: str = "rows") -> None:
+    """
+    ``x``, a model's input batch, must be a floating-point tensor of ``like``'s dtype and device
+    (:func:`check_like`), of the expected shape (``shape_ok``, described by ``expected``, e.g.
+    ``"B x 13"``), with at least one and, in training, at most ``dataset_size`` ``unit``, and with
+    finite values. Raises ``TypeError``/``ValueError`` naming ``x`` otherwise.
+    """
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    check_like("x", x, like)
+    if not shape_ok:
+        raise ValueError(f"x must be {expected}, got shape {tuple(x.shape)}")
+    if training and x.size(0) > dataset_size:
+        raise ValueError(
+            f"the batch has {x.size(0)} {unit} but dataset_size is {dataset_size}: "
+            f"dataset_size must be the number of training {unit}"
+        )
+    if x.size(0) == 0:
+        raise ValueError(f"x must have at least one row, got shape {tuple(x.shape)}")
+    if not all_finite(x):
+        raise ValueError("x contains NaN or infinite values")
+
+
 def check_like(name: str, t: Tensor, reference: Tensor, owner: str = "the model's parameters") -> None:
     """
     ``t`` (a floating-point input) must have ``reference``'s dtype, and any ``t`` its device: a

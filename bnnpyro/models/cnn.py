@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnnpyro._checks import all_finite, check_class_labels, check_like, positive_int, positive_ints
+from bnnpyro._checks import check_class_labels, check_float_batch, positive_int, positive_ints
 from bnnpyro.distributions import ConvLayer, HiddenLayer, normal_kl_sum
 from bnnpyro.distributions.hidden_layer import ESTIMATORS
 from bnnpyro.nn.activations import identity, inverse_softplus
@@ -190,21 +190,10 @@ class BayesianCNNClassifier(nn.Module):
     # -- checks ------------------------------------------------------------------------------
 
     def _check_x(self, x: Tensor, training: bool) -> None:
-        if not torch.is_tensor(x) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-        check_like("x", x, self.conv_mean[0])
         expected = (self.in_channels, *self.image_size)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must be B x {' x '.join(map(str, expected))} images, got shape {tuple(x.shape)}")
-        if training and x.size(0) > self.dataset_size:
-            raise ValueError(
-                f"the batch has {x.size(0)} images but dataset_size is {self.dataset_size}: "
-                "dataset_size must be the number of training images"
-            )
-        if x.size(0) == 0:
-            raise ValueError(f"x must have at least one row, got shape {tuple(x.shape)}")
-        if not all_finite(x):
-            raise ValueError("x contains NaN or infinite values")
+        shape_ok = torch.is_tensor(x) and x.dim() == 4 and tuple(x.shape[1:]) == expected
+        check_float_batch(x, self.conv_mean[0], shape_ok, f"B x {' x '.join(map(str, expected))} images",
+                          self.dataset_size, training, unit="images")
 
     def _check_y(self, x: Tensor, y: Tensor) -> None:
         check_class_labels(x, y, self.num_classes)

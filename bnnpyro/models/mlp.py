@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnnpyro._checks import all_finite, check_class_labels, check_like, positive_int, positive_ints, positive_number
+from bnnpyro._checks import all_finite, check_class_labels, check_float_batch, positive_int, positive_ints, positive_number
 from bnnpyro.distributions import HiddenLayer, normal_kl_sum
 from bnnpyro.distributions.hidden_layer import ESTIMATORS
 from bnnpyro.nn.activations import identity, inverse_softplus, resolve_non_linearity
@@ -106,20 +106,8 @@ class _HiddenLayerMLP(nn.Module):
         return pyro.plate("data", self.dataset_size, subsample=torch.arange(x.size(0), device=x.device))
 
     def _check_x(self, x: Tensor, training: bool) -> None:
-        if not torch.is_tensor(x) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-        check_like("x", x, self.A_mean[0])
-        if x.dim() != 2 or x.size(-1) != self.in_features:
-            raise ValueError(f"x must be B x {self.in_features}, got shape {tuple(x.shape)}")
-        if training and x.size(0) > self.dataset_size:
-            raise ValueError(
-                f"the batch has {x.size(0)} rows but dataset_size is {self.dataset_size}: "
-                "dataset_size must be the size of the whole training set"
-            )
-        if x.size(0) == 0:
-            raise ValueError(f"x must have at least one row, got shape {tuple(x.shape)}")
-        if not all_finite(x):
-            raise ValueError("x contains NaN or infinite values")
+        shape_ok = torch.is_tensor(x) and x.dim() == 2 and x.size(-1) == self.in_features
+        check_float_batch(x, self.A_mean[0], shape_ok, f"B x {self.in_features}", self.dataset_size, training)
 
     def _check_y(self, x: Tensor, y: Tensor) -> None:
         raise NotImplementedError
