@@ -452,7 +452,7 @@ def test_evaluate_classification_hand_computed():
         return -sum(v * math.log(v) for v in q)
 
     mi0 = h((0.7, 0.3)) - (h((0.8, 0.2)) + h((0.6, 0.4))) / 2  # point 1's draws agree: MI 0
-    m = evaluate_classification(p, y, ood_prob_samples=p.flip(1))
+    m = evaluate_classification(p, y, ood_probs_samples=p.flip(1))
     assert m["accuracy"] == 1.0
     assert m["nll"] == pytest.approx(-(math.log(0.7) + math.log(0.9)) / 2, rel=1e-6)
     # 15 bins: confidence 0.7 and 0.9 in different bins, both right: ECE = (0.3 + 0.1) / 2
@@ -476,5 +476,5 @@ def test_evaluate_accepts_tensors_that_require_grad_without_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         m = evaluate_regression(mean_samples, noise, torch.randn(5))
-        c = evaluate_classification(probs, torch.zeros(5, dtype=torch.long), ood_prob_samples=probs)
+        c = evaluate_classification(probs, torch.zeros(5, dtype=torch.long), ood_probs_samples=probs)
     assert all(isinstance(v, float) for v in (*m.values(), *c.values()))

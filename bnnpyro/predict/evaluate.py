@@ -58,29 +58,29 @@ def evaluate_regression(
 
 @torch.no_grad()
 def evaluate_classification(
-    prob_samples: Tensor, y: Tensor, ood_prob_samples: Tensor | None = None
+    probs_samples: Tensor, y: Tensor, ood_probs_samples: Tensor | None = None
 ) -> dict[str, float]:
     r"""
     Test metrics of a classification predictive ``p(y|x) = 1/S sum_s p_s(y|x)``, and how well its
     epistemic uncertainty separates out-of-distribution inputs.
 
-    :param prob_samples: ``S x N x C`` class probabilities of ``S`` posterior draws.
+    :param probs_samples: ``S x N x C`` class probabilities of ``S`` posterior draws.
     :param y: ``N`` int64 labels.
-    :param ood_prob_samples: ``S x M x C`` probabilities on out-of-distribution inputs, or None.
+    :param ood_probs_samples: ``S x M x C`` probabilities on out-of-distribution inputs, or None.
     :returns: ``accuracy``, ``nll`` and ``ece`` (15 bins) of the mean probabilities, ``mi_in``
-        (mean mutual information between label and weights, BALD), and with ``ood_prob_samples``
+        (mean mutual information between label and weights, BALD), and with ``ood_probs_samples``
         ``mi_ood`` and ``auroc_mi`` (the AUROC of mutual information for telling the two apart).
     """
-    probs = mean_probs(prob_samples)
-    mi_in = mutual_information(prob_samples)
+    probs = mean_probs(probs_samples)
+    mi_in = mutual_information(probs_samples)
     metrics = {
         "accuracy": float(accuracy(probs, y)),
         "nll": float(nll(probs, y)),
         "ece": float(expected_calibration_error(probs, y)),
         "mi_in": float(mi_in.mean()),
     }
-    if ood_prob_samples is not None:
-        mi_out = mutual_information(ood_prob_samples)
+    if ood_probs_samples is not None:
+        mi_out = mutual_information(ood_probs_samples)
         metrics["mi_ood"] = float(mi_out.mean())
         metrics["auroc_mi"] = float(auroc(mi_in, mi_out))
     return metrics
