@@ -10,6 +10,8 @@ max |z| < 6 hold unless the gradients differ (a parameter cut off from the graph
 gives z in the tens).
 """
 
+import contextlib
+
 import pyro
 import pytest
 import torch
@@ -18,7 +20,8 @@ from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal
 
 from bnnpyro.infer import JitTraceMeanField_ELBO
-from bnnpyro.models import BayesianCNNClassifier, BayesianLSTMClassifier, BayesianMLPClassifier, BayesianMLPRegressor
+from bnnpyro.models import (BayesianCNNClassifier, BayesianLSTMClassifier, BayesianLSTMLanguageModel,
+                             BayesianMLPClassifier, BayesianMLPRegressor)
 from bnnpyro.nn import BayesianMLP
 
 
@@ -140,3 +143,120 @@ def test_svi_with_the_compiled_loss_trains_like_the_eager_one():
     (eager_loss, eager_noise), (jit_loss, jit_noise) = final[TraceMeanField_ELBO], final[JitTraceMeanField_ELBO]
     assert jit_loss == pytest.approx(eager_loss, rel=0.2)
     assert jit_noise == pytest.approx(eager_noise, rel=0.1)
+
+
+def _deterministic_regressor(rows=16):
+    """Posterior std 1e-6: the loss is deterministic (to float round-off), so the compiled and the eager
+    one compare to 1e-5."""
+    pyro.set_rng_seed(0)
+    m = BayesianMLPRegressor(5, hidden=(10,), dataset_size=200, init_scale=1e-6)
+    return m, torch.randn(rows, 5), torch.randn(rows)
+
+
+def _count_traces(monkeypatch):
+    calls = []
+    trace = torch.jit.trace
+    monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: calls.append(1) or trace(*a, **k))
+    return calls
+
+
+def test_tensor_keyword_arguments_are_inputs_of_the_trace(monkeypatch):
+    """``y=`` by keyword: one trace for every ``y`` of that shape, each giving its own loss (it was a
+    constant of the trace, keyed by the tensor's identity: a new trace every call, never freed)."""
+    calls = _count_traces(monkeypatch)
+    m, x, _ = _deterministic_regressor()
+    elbo = JitTraceMeanField_ELBO()
+    for _ in range(3):
+        y = torch.randn(16)
+        expected = TraceMeanField_ELBO().loss(m.model, m.guide, x, y=y)
+        assert elbo.differentiable_loss(m.model, m.guide, x, y=y).item() == pytest.approx(expected, rel=1e-5)
+    assert len(calls) == 1
+
+
+def test_non_tensor_arguments_are_constants_of_their_own_trace():
+    """A positional Python value (here a list) is a constant of the trace, keyed by value (torch.jit.trace
+    rejected it as an input); a list of tensors is an input; a tensor inside another value (a dict)
+    would be frozen: TypeError."""
+    def model(x, scales):
+        pyro.sample("obs", pyro.distributions.Normal(0.0, scales[0]).expand(x.shape).to_event(1), obs=x)
+
+    def guide(x, scales):
+        pass
+
+    elbo, x = JitTraceMeanField_ELBO(), torch.randn(4)
+    for scales in ([1.0], [2.0], [1.0]):
+        expected = TraceMeanField_ELBO().loss(model, guide, x, scales)
+        assert elbo.differentiable_loss(model, guide, x, list(scales)).item() == pytest.approx(expected, rel=1e-6)
+    assert len(elbo._compiled) == 2
+    for scale in (3.0, 4.0):
+        expected = TraceMeanField_ELBO().loss(model, guide, x, [torch.tensor(scale)])
+        assert elbo.differentiable_loss(model, guide, x, [torch.tensor(scale)]).item() == pytest.approx(expected)
+    assert len(elbo._compiled) == 3
+    with pytest.raises(TypeError, match="frozen"):
+        elbo.differentiable_loss(model, guide, x, {0: torch.tensor(1.0)})
+
+
+def test_clear_param_store_between_uses():
+    """The compiled loss reads its parameters from the store by name: after pyro.clear_param_store()
+    it traces again (it raised KeyError)."""
+    m, x, y = _deterministic_regressor()
+    elbo = JitTraceMeanField_ELBO()
+    SVI(m.model, m.guide, pyro.optim.Adam({"lr": 1e-2}), elbo).step(x, y)
+    pyro.clear_param_store()
+    SVI(m.model, m.guide, pyro.optim.Adam({"lr": 1e-2}), elbo).step(x, y)
+    expected = TraceMeanField_ELBO().loss(m.model, m.guide, x, y)
+    assert elbo.differentiable_loss(m.model, m.guide, x, y).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_eval_mode_is_part_of_the_signature():
+    """Dropout between LSTM layers is drawn in training mode only: after model.eval() the loss (std 1e-6)
+    is deterministic, not the training-mode trace with its dropout draws."""
+    pyro.set_rng_seed(0)
+    m = BayesianLSTMLanguageModel(13, 4, 8, 2, dataset_size=200, init_scale=1e-6, dropout=0.5)
+    x, y = torch.randint(0, 13, (6, 7)), torch.randint(0, 13, (6, 7))
+    elbo = JitTraceMeanField_ELBO()
+    elbo.differentiable_loss(m.model, m.guide, x, y)
+    m.eval()
+    expected = TraceMeanField_ELBO().loss(m.model, m.guide, x, y)
+    for _ in range(2):
+        assert elbo.differentiable_loss(m.model, m.guide, x, y).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_effect_handlers_around_the_call_are_part_of_the_signature():
+    """A handler around the step (poutine.scale, an estimator handler) is recorded in the trace: the
+    loss under scale 0.5 and then without it are each the eager one (the first trace was reused)."""
+    m, x, y = _deterministic_regressor()
+    elbo = JitTraceMeanField_ELBO()
+    for scale in (0.5, None, 0.25, 0.5):
+        with pyro.poutine.scale(scale=scale) if scale else contextlib.nullcontext():
+            expected = TraceMeanField_ELBO().loss(m.model, m.guide, x, y)
+            assert elbo.differentiable_loss(m.model, m.guide, x, y).item() == pytest.approx(expected, rel=1e-5)
+    assert len(elbo._compiled) == 3
+
+
+def test_first_call_without_gradients_then_training():
+    """A first call under torch.no_grad (e.g. a validation loss) gets its own trace: the layers take an
+    in-place path there, which the training step's backward cannot go through (it raised)."""
+    m, x, y = _deterministic_regressor()
+    kwargs = dict(num_particles=3, vectorize_particles=True, max_plate_nesting=1)
+    elbo = JitTraceMeanField_ELBO(**kwargs)
+    with torch.no_grad():
+        elbo.differentiable_loss(m.model, m.guide, x, y)
+    elbo.differentiable_loss(m.model, m.guide, x, y).backward()
+    got = m.A_mean[0].grad.clone()
+    m.zero_grad()
+    TraceMeanField_ELBO(**kwargs).differentiable_loss(m.model, m.guide, x, y).backward()
+    assert torch.allclose(got, m.A_mean[0].grad, rtol=1e-4, atol=1e-3)
+
+
+def test_cache_is_bounded():
+    """At most cache_size traces are kept (least recently used dropped), e.g. for minibatches of many sizes."""
+    m, x, y = _deterministic_regressor()
+    elbo = JitTraceMeanField_ELBO(cache_size=2)
+    for rows in (16, 5, 3, 16):
+        expected = TraceMeanField_ELBO().loss(m.model, m.guide, x[:rows], y[:rows])
+        got = elbo.differentiable_loss(m.model, m.guide, x[:rows], y[:rows]).item()
+        assert got == pytest.approx(expected, rel=1e-5)
+        assert len(elbo._compiled) <= 2
+    with pytest.raises(ValueError, match="cache_size"):
+        JitTraceMeanField_ELBO(cache_size=0)
