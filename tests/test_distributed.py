@@ -128,11 +128,11 @@ def _worker(rank: int, port: int, out: str) -> None:
         pyro.clear_param_store()
         torch.manual_seed(30 + rank)
         m = BayesianMLPRegressor(D, hidden=(H,), dataset_size=N, init_scale=0.3)
-        history = fit_distributed(poutine.block(m.model, hide=["y"]), m.guide, (x, y), epochs=2, batch_size=15,
+        history = fit_distributed(poutine.block(m.model, hide=["y"]), m.guide, (x, y), epochs=2, batch_size=10,
                                   optim_args={"lr": 0.0}, seed=4, progress=False)
         record["kl_history"] = (history.loss, history.nll, history.kl)
         record["kl_fit"] = m.kl().item()
-        record["after_fit_draw"] = torch.randn(4)  # Pyro's sampling is seeded seed + rank
+        record["after_fit_draw"] = torch.randn(4)  # seeded seed + rank; both ranks drew as many numbers
         torch.save(record, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -223,8 +223,8 @@ def test_kl_counted_once(runs):
 
 def test_fit_distributed_history_is_per_datum_and_counts_the_kl_once(runs):
     """No likelihood, lr 0: each global step's loss is the KL (of rank 0's parameters, broadcast), so
-    the history's per-datum loss and KL are KL / N every epoch on both ranks (the global batches of
-    15, 15, 10 rows split 8/7, 8/7, 5/5), and the NLL is 0; the ranks sample independently."""
+    the history's per-datum loss and KL are KL / N every epoch on both ranks (global batches of 10 rows,
+    5 per rank), and the NLL is 0; the ranks, which drew as many numbers, sample independently."""
     (r0, r1), _ = runs
     kl = r0["kl_fit"]
     assert kl == r1["kl_fit"] > 0
