@@ -388,7 +388,7 @@ def test_lr_scheduler_steps_once_per_epoch_not_per_batch():
     assert lrs and lrs == pytest.approx([1e-3 * 0.5**3] * len(lrs))
 
 
-def test_dataloader_n_is_the_dataset_length_with_drop_last():
+def test_dataloader_n_is_the_dataset_length_with_drop_last(monkeypatch):
     """N is len(loader.dataset), not the rows seen: with drop_last a loader of 10 rows in batches of 3
     trains on 9, and the per-datum loss is the sum of the step losses x 3 / 9 / 10."""
     from torch.utils.data import DataLoader, TensorDataset
@@ -400,10 +400,7 @@ def test_dataloader_n_is_the_dataset_length_with_drop_last():
     loader = DataLoader(TensorDataset(x, x.sum(-1)), batch_size=3, drop_last=True)
     steps = []
     step = pyro.infer.SVI.step
-    pyro.infer.SVI.step = lambda self, *a, **k: steps.append(step(self, *a, **k)) or steps[-1]
-    try:
-        history = fit(m.model, m.guide, loader, epochs=1, seed=0, progress=False)
-    finally:
-        pyro.infer.SVI.step = step
+    monkeypatch.setattr(pyro.infer.SVI, "step", lambda self, *a, **k: steps.append(step(self, *a, **k)) or steps[-1])
+    history = fit(m.model, m.guide, loader, epochs=1, seed=0, progress=False)
     assert len(steps) == 3
     assert history.loss[0] == pytest.approx(sum(steps) * 3 / 9 / 10, rel=1e-6)
