@@ -123,6 +123,16 @@ def _worker(rank: int, port: int, out: str) -> None:
                                   checkpoint=os.path.join(out, "model.pt"), checkpoint_model=m)
         record["history"] = (history.loss, history.nll, history.kl)
         record["fit_params"] = _flat_params()
+
+        # fit_distributed without a likelihood and lr 0: every step's loss is the KL, which stays put
+        pyro.clear_param_store()
+        torch.manual_seed(30 + rank)
+        m = BayesianMLPRegressor(D, hidden=(H,), dataset_size=N, init_scale=0.3)
+        history = fit_distributed(poutine.block(m.model, hide=["y"]), m.guide, (x, y), epochs=2, batch_size=10,
+                                  optim_args={"lr": 0.0}, seed=4, progress=False)
+        record["kl_history"] = (history.loss, history.nll, history.kl)
+        record["kl_fit"] = m.kl().item()
+        record["after_fit_draw"] = torch.randn(4)  # seeded seed + rank; both ranks drew as many numbers
         torch.save(record, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -209,6 +219,21 @@ def test_kl_counted_once(runs):
     (r0, r1), _ = runs
     assert r0["kl"] == r1["kl"] > 0
     assert r0["kl_loss"] == r1["kl_loss"] == pytest.approx(r0["kl"], rel=RTOL)
+
+
+def test_fit_distributed_history_is_per_datum_and_counts_the_kl_once(runs):
+    """No likelihood, lr 0: each global step's loss is the KL (of rank 0's parameters, broadcast), so
+    the history's per-datum loss and KL are KL / N every epoch on both ranks (global batches of 10 rows,
+    5 per rank), and the NLL is 0; the ranks, which drew as many numbers, sample independently."""
+    (r0, r1), _ = runs
+    kl = r0["kl_fit"]
+    assert kl == r1["kl_fit"] > 0
+    for r in (r0, r1):
+        loss, nll, kl_history = r["kl_history"]
+        assert loss == pytest.approx([kl / N] * 2, rel=1e-6)
+        assert kl_history == pytest.approx([kl / N] * 2, rel=1e-6)
+        assert nll == [0.0, 0.0]
+    assert not torch.equal(r0["after_fit_draw"], r1["after_fit_draw"])
 
 
 def test_fit_distributed_history_and_checkpoint(runs):

@@ -373,3 +373,34 @@ def test_bad_inputs_raise(kwargs, error, match):
     model, guide = _fixed_param_model(5)
     with pytest.raises(error, match=match):
         fit(model, guide, **{"epochs": 1, "progress": False, **kwargs})
+
+
+def test_lr_scheduler_steps_once_per_epoch_not_per_batch():
+    """A PyroLRScheduler optim advances at the end of every epoch: ExponentialLR(gamma=0.5) from lr 1
+    is at 0.5**3 after 3 epochs of 2 minibatches each."""
+    from bnnpyro.models import BayesianMLPRegressor
+
+    x = torch.randn(10, 2)
+    m = BayesianMLPRegressor(2, hidden=(3,), dataset_size=10)
+    optim = pyro.optim.ExponentialLR({"optimizer": torch.optim.SGD, "optim_args": {"lr": 1e-3}, "gamma": 0.5})
+    fit(m.model, m.guide, (x, x.sum(-1)), epochs=3, batch_size=5, optim=optim, seed=0, progress=False)
+    lrs = [group["lr"] for sched in optim.optim_objs.values() for group in sched.optimizer.param_groups]
+    assert lrs and lrs == pytest.approx([1e-3 * 0.5**3] * len(lrs))
+
+
+def test_dataloader_n_is_the_dataset_length_with_drop_last(monkeypatch):
+    """N is len(loader.dataset), not the rows seen: with drop_last a loader of 10 rows in batches of 3
+    trains on 9, and the per-datum loss is the sum of the step losses x 3 / 9 / 10."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bnnpyro.models import BayesianMLPRegressor
+
+    x = torch.randn(10, 2)
+    m = BayesianMLPRegressor(2, hidden=(3,), dataset_size=10)
+    loader = DataLoader(TensorDataset(x, x.sum(-1)), batch_size=3, drop_last=True)
+    steps = []
+    step = pyro.infer.SVI.step
+    monkeypatch.setattr(pyro.infer.SVI, "step", lambda self, *a, **k: steps.append(step(self, *a, **k)) or steps[-1])
+    history = fit(m.model, m.guide, loader, epochs=1, seed=0, progress=False)
+    assert len(steps) == 3
+    assert history.loss[0] == pytest.approx(sum(steps) * 3 / 9 / 10, rel=1e-6)

@@ -252,3 +252,38 @@ def test_predictions_keep_weight_space_draws_and_config_round_trips(tmp_path):
     assert loaded.estimator == "flipout" and loaded.config == fo.config
     with pytest.raises(ValueError, match="estimator"):
         _lm(estimator="local_reparameterization")
+
+
+def test_flipout_signs_are_uniform_plus_minus_one():
+    """Each sign is +-1 with probability 1/2: the mean of n entries is within 5/sqrt(n) of 0, and the
+    shapes are B x in, B x out per weight matrix (biases skipped)."""
+    lstm = nn.LSTM(D, H, 2)
+    n_batch = 5000
+    signs = flipout_signs(n_batch, _flat(lstm), bias=True)
+    assert [(tuple(a.shape), tuple(b.shape)) for a, b in signs] == [
+        ((n_batch, D), (n_batch, 4 * H)), ((n_batch, H), (n_batch, 4 * H)),
+        ((n_batch, H), (n_batch, 4 * H)), ((n_batch, H), (n_batch, 4 * H))]
+    for s in (t for pair in signs for t in pair):
+        assert set(s.unique().tolist()) == {-1.0, 1.0}
+        assert abs(s.mean().item()) < 5 / math.sqrt(s.numel())
+
+
+def test_flipout_model_perturbs_around_loc_by_the_guides_draw(monkeypatch):
+    """estimator="flipout": with every sign +1, sequence b's weights are loc + (w - loc) = w, the guide's
+    own draw, so the guide's features are nn.LSTM's with the traced weights (a perturbation loc - w,
+    same in distribution, would give loc - (w - loc))."""
+    import torch.nn.functional as F
+    from pyro import poutine
+
+    import bnnpyro.nn.lstm as lstm_module
+
+    monkeypatch.setattr(lstm_module, "flipout_signs",
+                        lambda b, weights, bias: [(torch.ones(b, w.shape[1]), torch.ones(b, w.shape[0]))
+                                                  for i, w in enumerate(weights) if i % (4 if bias else 2) < 2])
+    m = BayesianLSTMClassifier(num_classes=3, hidden_size=H, dataset_size=20, vocab_size=7, embedding_dim=D,
+                               init_scale=0.3, estimator="flipout")
+    x = torch.randint(0, 7, (B, T))
+    tr = poutine.trace(m.guide).get_trace(x)
+    weights = {n: s["value"] for n, s in tr.nodes.items() if n.startswith(("lstm.", "embedding."))}
+    expected = m.encoder.lstm.to_lstm(weights)(F.embedding(x, weights["embedding.weight"]))[0][:, -1]
+    torch.testing.assert_close(tr.nodes["logits"]["fn"].X[:, :-1], expected, rtol=1e-5, atol=1e-6)

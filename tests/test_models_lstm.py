@@ -456,3 +456,96 @@ def test_reusing_the_lstm_pass_changes_no_loss():
 def test_repr_shows_the_configuration():
     assert "num_classes=3, hidden_size=4" in repr(_float_classifier()) and "input_size=2" in repr(_float_classifier())
     assert "output_estimator='local_reparameterization'" in repr(_lm(output_estimator="local_reparameterization"))
+
+
+def _reference_logits(m, x, S):
+    """``B x S x ...`` logits by hand: per draw s the guide's weights (``posterior.rsample()``) in an eval-mode
+    nn.LSTM, then the output layer's exact marginal ``X @ mean + sqrt(X^2 @ scale^2) * eps``."""
+    draws = [m.posterior.rsample() for _ in range(S)]
+    rng = torch.get_rng_state()  # building an nn.LSTM draws its initial weights
+    hs = []
+    for w in draws:
+        inputs = x if m.vocab_size is None else F.embedding(x, w["embedding.weight"])
+        hs.append(m.encoder.lstm.to_lstm(w).eval()(inputs)[0])
+    torch.set_rng_state(rng)
+    h = torch.stack(hs)  # S x B x T x H
+    if isinstance(m, BayesianLSTMClassifier):
+        h = h[:, :, -1]
+    X = torch.cat([h, torch.ones_like(h[..., :1])], -1)
+    scale = F.softplus(m.out_rho)
+    eps = torch.randn(X.shape[:-1] + (m.out_mean.size(-1),))
+    return (X @ m.out_mean + (X**2 @ scale**2).sqrt() * eps).movedim(0, 1)
+
+
+@pytest.mark.parametrize("make", [_token_classifier, _float_classifier, lambda **kw: _lm(dropout=0.5, **kw)])
+def test_get_logits_equals_a_looped_nn_lstm_reference(make):
+    """get_logits: S posterior draws, each through nn.LSTM (no dropout at prediction, even in training
+    mode), the classifier at the last step, the output layer from its exact marginal."""
+    m = make(init_scale=0.3)
+    _perturb(m)
+    x, _ = _data(m)
+    S = 4
+    pyro.set_rng_seed(3)
+    with torch.no_grad():
+        expected = _reference_logits(m, x, S)
+    pyro.set_rng_seed(3)
+    got = m.get_logits(x, S)
+    assert m.training and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[:, 0], got[:, 1])
+
+
+def test_perplexity_is_exp_of_minus_the_mean_log_predictive_probability():
+    """perplexity = exp(-mean_{b,t} log( (1/S) sum_s p_s(y_bt) )) from get_logits' draws, also
+    computed in batches of sequences (the same draws when each batch is predicted in turn)."""
+    m = _lm(init_scale=0.5)
+    _perturb(m)
+    x, y = _data(m)
+    S = 5
+    for batch_size in (B, 4):
+        pyro.set_rng_seed(2)
+        probs = torch.cat([m.get_logits(xb, S).softmax(-1).mean(1) for xb in x.split(batch_size)])  # B x T x V
+        expected = torch.exp(-probs.gather(-1, y[..., None]).log().mean())
+        pyro.set_rng_seed(2)
+        got = m.perplexity(x, y, num_predictions=S, batch_size=batch_size)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+
+
+def test_generate_is_ancestral_sampling_under_one_posterior_draw():
+    """At a temperature near 0, generate is greedy decoding under one draw of all weights (output layer
+    included): each token the argmax of the next-token logits of nn.LSTM run on prompt + tokens so far."""
+    pyro.set_rng_seed(2)  # a posterior whose greedy continuation is not one token repeated
+    m = _lm(init_scale=0.5)
+    _perturb(m)
+    prompt = torch.tensor([1, 4, 2])
+    pyro.set_rng_seed(4)
+    tokens = m.generate(prompt, 10, temperature=1e-4)
+    pyro.set_rng_seed(4)
+    with torch.no_grad():
+        w = m.posterior.rsample()
+        A = m.out_mean + F.softplus(m.out_rho) * torch.randn_like(m.out_mean)
+        lstm = m.encoder.lstm.to_lstm(w).eval()
+        seq = prompt
+        for _ in range(10):
+            h = lstm(F.embedding(seq[None], w["embedding.weight"]))[0][0, -1]
+            seq = torch.cat([seq, (h @ A[:-1] + A[-1]).argmax()[None]])
+    assert tokens.tolist() == seq[len(prompt):].tolist()
+    assert len(set(tokens.tolist())) > 2
+
+
+def test_the_models_features_are_its_own_weights_on_its_own_x():
+    """The model reuses the guide's LSTM pass only for the guide's draws on the same x: after a guide
+    pass, the prior predictive (the model's own weight draws) and a replay on another x compute their
+    own features."""
+    m = _token_classifier(init_scale=0.3)
+    _perturb(m)
+    x, y = _data(m)
+    x2 = torch.randint(0, 7, (B, T))
+    for replay_on in (None, x2):
+        guide_trace = poutine.trace(m.guide).get_trace(x, y)
+        model = m.model if replay_on is None else poutine.replay(m.model, trace=guide_trace)
+        xm = x if replay_on is None else x2
+        tr = poutine.trace(model).get_trace(xm)
+        weights = _weight_sites(tr)
+        expected = m.encoder.lstm.to_lstm(weights)(F.embedding(xm, weights["embedding.weight"]))[0][:, -1]
+        torch.testing.assert_close(tr.nodes["logits"]["fn"].X[:, :-1], expected, rtol=1e-5, atol=1e-6)

@@ -107,6 +107,11 @@ def test_auto_estimator_choice(monkeypatch):
     m = BayesianMLPRegressor(13, hidden=(50,), dataset_size=10)
     sample_predictive(m.model, m.guide, torch.randn(6, 13), 3)
     assert chosen == [(14, "weight_space"), (51, "weight_space")]
+    for d, estimator in ((126, "weight_space"), (127, "local_reparameterization")):  # dim_X >= 128
+        chosen.clear()
+        m = BayesianMLPRegressor(d, hidden=(3,), dataset_size=10)
+        sample_predictive(m.model, m.guide, torch.randn(6, d), 3)
+        assert chosen == [(d + 1, estimator), (4, "weight_space")]
     with pytest.raises(ValueError, match="estimator"):
         sample_predictive(m.model, m.guide, torch.randn(6, 13), 3, estimator="flip")
 
@@ -139,7 +144,7 @@ def test_weight_space_layers_are_one_network_across_chunks(hidden):
     assert not torch.allclose(sample_predictive(m.model, m.guide, x, 30, chunk_size=7)["f"], outputs[0])
 
 
-@pytest.mark.parametrize("hidden", [(20,), (300,)])
+@pytest.mark.parametrize("hidden", [(20,), (300,), (20, 300)])
 def test_auto_chunks_grow_to_the_activation_budget(hidden):
     """chunk_size="auto": a short first pass, then the other rows in equal chunks of
     max(65536 // S, budget // widest output per row) rows; same networks as one pass."""
@@ -157,7 +162,7 @@ def test_auto_chunks_grow_to_the_activation_budget(hidden):
     pyro.set_rng_seed(0)
     f = sample_predictive(model, m.guide, x, S, estimator="weight_space")["f"]
     probe = predictive._AUTO_CHUNK_PROBE_ROWS
-    per_row = S * (hidden[0] + 1)  # the widest HiddenLayer output: the hidden one, ones column included
+    per_row = S * (max(hidden) + 1)  # the widest HiddenLayer output: a hidden one, ones column included
     grow_to = max(predictive._AUTO_CHUNK_ELEMENTS // S, predictive._AUTO_CHUNK_ACTIVATION_ELEMENTS // per_row)
     passes = math.ceil((N - probe) / grow_to)
     assert rows[0] == probe and len(rows) == 1 + passes and sum(rows) == N
@@ -169,6 +174,9 @@ def test_auto_chunks_grow_to_the_activation_budget(hidden):
     rows.clear()
     sample_predictive(model, m.guide, x[:100], S)  # fits the first chunk: one pass
     assert rows == [100]
+    rows.clear()
+    sample_predictive(model, m.guide, x[: predictive._AUTO_CHUNK_ELEMENTS // S], S)  # "at most": still one
+    assert rows == [predictive._AUTO_CHUNK_ELEMENTS // S]
 
 
 def test_returned_hidden_activations_are_not_overwritten_by_later_chunks():
@@ -203,6 +211,26 @@ def test_bad_arguments():
         sample_predictive(m.model, m.guide, torch.randn(3, 2), 2, chunk_size=0)
     with pytest.raises(ValueError, match="return_sites"):
         sample_predictive(m.model, m.guide, torch.randn(3, 2), 2, return_sites=["nope"])
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_return_sites_of_a_per_row_site_is_refused(vectorize):
+    """return_sites takes global latent sites (S x ... values, the same for all chunks); a site in the
+    data plate (a HiddenLayer's activations) would hold the first chunk's rows only: refused by name
+    (it failed in the reshape to S x ... with a bare RuntimeError)."""
+    from bnnpyro.distributions import HiddenLayer
+
+    A_mean, A_scale = torch.randn(3, 4), torch.full((3, 4), 0.5)
+
+    def model(x, y=None):
+        with pyro.plate("data", len(x)):
+            return pyro.sample("h", HiddenLayer(x, A_mean, A_scale, KL_factor=0.0)) * 1.0
+
+    def guide(x, y=None):
+        return model(x)
+
+    with pytest.raises(ValueError, match="return_sites: 'h' is not a global latent site"):
+        sample_predictive(model, guide, torch.randn(20, 3), 8, chunk_size=6, return_sites=["h"], vectorize=vectorize)
 
 
 @pytest.mark.parametrize("vectorize", [True, False])

@@ -178,3 +178,93 @@ def test_checkpoints_without_a_dtype_load_as_default_dtype_and_mixed_dtypes_refu
     m.A_mean[0].data = m.A_mean[0].data.double()
     with pytest.raises(ValueError, match=r"mix dtypes \['torch.float32', 'torch.float64'\]"):
         bnnpyro.save(tmp_path / "mixed.pt", m)
+
+
+def _fitted_autoguide_net(seed, guide_cls, out_features=1, **guide_kwargs):
+    from bnnpyro.nn import BayesianMLP
+
+    torch.manual_seed(seed)
+    x = torch.randn(20, 3)
+    y = x.sum(-1) if out_features == 1 else x[:, :out_features]
+    net = BayesianMLP(3, out_features, hidden=(5,), dataset_size=20)
+    guide = guide_cls(net, init_scale=0.1, **guide_kwargs)
+    fit(net, guide, (x, y), epochs=5, seed=seed, progress=False)
+    return net, guide, x
+
+
+def test_low_rank_guide_rank_is_restored(tmp_path):
+    """An AutoLowRankMultivariateNormal of rank 2 (not the default rank, about sqrt(#latents) = 5 here)
+    comes back with rank 2 and the same predictions."""
+    from pyro.infer.autoguide import AutoLowRankMultivariateNormal
+
+    net, guide, x = _fitted_autoguide_net(0, AutoLowRankMultivariateNormal, rank=2)
+    pyro.set_rng_seed(3)
+    ref = sample_predictive(net, guide, x, 10)["f"]
+    bnnpyro.save(tmp_path / "g.pt", net, guide)
+    net2, guide2 = bnnpyro.load(tmp_path / "g.pt")
+    assert guide2.rank == 2
+    pyro.set_rng_seed(3)
+    torch.testing.assert_close(sample_predictive(net2, guide2, x, 10)["f"], ref, rtol=0, atol=0)
+
+
+def test_two_loaded_autoguides_of_one_class_do_not_share_parameters(tmp_path):
+    """Two AutoNormal guides with the same site names, trained one after the other (same default
+    param-store name), loaded into one process and used interleaved: each gives its own predictions."""
+    from pyro.infer.autoguide import AutoNormal
+
+    refs = []
+    for seed in (0, 1):
+        pyro.clear_param_store()
+        net, guide, x = _fitted_autoguide_net(seed, AutoNormal)
+        pyro.set_rng_seed(3)
+        refs.append((x, sample_predictive(net, guide, x, 10)["f"]))
+        bnnpyro.save(tmp_path / f"g{seed}.pt", net, guide)
+    pyro.clear_param_store()
+    loaded = [bnnpyro.load(tmp_path / f"g{seed}.pt") for seed in (0, 1)]
+    assert not torch.allclose(refs[0][1], refs[1][1])
+    for (net2, guide2), (x, ref) in [*zip(loaded, refs), *zip(loaded, refs)]:
+        pyro.set_rng_seed(3)
+        torch.testing.assert_close(sample_predictive(net2, guide2, x, 10)["f"], ref, rtol=0, atol=0)
+
+
+def test_multi_output_autoguide_round_trip(tmp_path):
+    """A BayesianMLP with two outputs: the guide is rebuilt from a dummy batch with y of shape 1 x 2."""
+    from pyro.infer.autoguide import AutoNormal
+
+    net, guide, x = _fitted_autoguide_net(0, AutoNormal, out_features=2)
+    pyro.set_rng_seed(3)
+    ref = sample_predictive(net, guide, x, 10)["f"]
+    bnnpyro.save(tmp_path / "g.pt", net, guide)
+    net2, guide2 = bnnpyro.load(tmp_path / "g.pt")
+    pyro.set_rng_seed(3)
+    torch.testing.assert_close(sample_predictive(net2, guide2, x, 10)["f"], ref, rtol=0, atol=0)
+
+
+def test_tampered_checkpoints_raise_value_errors(tmp_path):
+    """Each field of the checkpoint is checked: version, model and guide class, missing or misshapen
+    model and guide tensors all give a ValueError naming the problem; an unrun guide refuses to save."""
+    from pyro.infer.autoguide import AutoNormal
+
+    from bnnpyro.nn import BayesianMLP
+
+    net, guide, x = _fitted_autoguide_net(0, AutoNormal)
+    path = tmp_path / "g.pt"
+    bnnpyro.save(path, net, guide)
+
+    def tampered(edit, match):
+        payload = torch.load(path, weights_only=True)
+        edit(payload)
+        torch.save(payload, tmp_path / "t.pt")
+        with pytest.raises(ValueError, match=match):
+            bnnpyro.load(tmp_path / "t.pt")
+
+    tampered(lambda p: p.update(version=2), "unsupported checkpoint version 2")
+    tampered(lambda p: p.update(model_class="Sequential"), "unknown model class 'Sequential'")
+    tampered(lambda p: p.update(guide_class="AutoDelta"), "unknown guide class 'AutoDelta'")
+    first = lambda d: next(iter(d))  # noqa: E731
+    tampered(lambda p: p["model_state"].pop(first(p["model_state"])), "does not match its model configuration")
+    tampered(lambda p: p["guide_state"].pop(first(p["guide_state"])), "guide parameters do not match")
+    tampered(lambda p: p["guide_state"].update({first(p["guide_state"]): torch.zeros(7)}),
+             "guide parameters do not match")
+    with pytest.raises(ValueError, match="has not been run yet"):
+        bnnpyro.save(tmp_path / "unrun.pt", net, AutoNormal(BayesianMLP(3, 1, dataset_size=5)))

@@ -246,6 +246,12 @@ def _predictive_pass(
             for name in return_sites:
                 if name not in guide_trace.nodes:
                     raise ValueError(f"return_sites: {name!r} is not a site of the guide")
+                site = guide_trace.nodes[name]
+                if site["type"] != "sample" or site["is_observed"] or not _is_global(site):
+                    # a per-row site: its value would be the first chunk's rows only (and failed
+                    # in the reshape to S x ... with a bare RuntimeError)
+                    raise ValueError(f"return_sites: {name!r} is not a global latent site of the guide (it is "
+                                     "in a data plate, observed or not a sample site); only those can be returned")
                 extra[name] = guide_trace.nodes[name]["value"]
             kept = [*(site["value"] for site in global_trace.nodes.values()), *extra.values()]
         if not torch.is_tensor(f):
