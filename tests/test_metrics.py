@@ -478,3 +478,16 @@ def test_evaluate_accepts_tensors_that_require_grad_without_warning():
         m = evaluate_regression(mean_samples, noise, torch.randn(5))
         c = evaluate_classification(probs, torch.zeros(5, dtype=torch.long), ood_probs_samples=probs)
     assert all(isinstance(v, float) for v in (*m.values(), *c.values()))
+
+
+def test_logits_that_give_no_distribution_are_refused():
+    """A softmax of +inf, or of a row of all -inf, is NaN: refused by name. A row with some -inf
+    logits (masked classes) is a distribution: the entropy of logits (0, 0, -inf) is log 2."""
+    bad_rows = torch.zeros(2, 3, 3)
+    bad_rows[1, 2] = -math.inf
+    with pytest.raises(ValueError, match="probs_samples.*finite logit"):
+        predictive_entropy(bad_rows, logits=True)
+    with pytest.raises(ValueError, match="probs_samples.*finite logit"):
+        mutual_information(torch.tensor([[[0.0, math.inf, 1.0]]]), logits=True)
+    masked = torch.tensor([[[0.0, 0.0, -math.inf]]])
+    torch.testing.assert_close(predictive_entropy(masked, logits=True), torch.tensor([math.log(2.0)]))

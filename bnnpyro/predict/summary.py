@@ -98,9 +98,12 @@ def _check_level(level: float) -> float:
 
 
 def _check_probs(probs, name: str, ndims: tuple[int, ...], desc: str, logits: bool = False) -> Tensor:
-    """Probabilities in ``[0, 1]`` summing to one over the last dim (only NaN checks for logits)."""
+    """Probabilities in ``[0, 1]`` summing to one over the last dim; logits: no ``+inf``, and at least
+    one finite logit per distribution (a softmax of ``+inf`` or of all ``-inf`` is NaN)."""
     _check_tensor(probs, name, ndims, desc)
     if logits:
+        if torch.isposinf(probs).any() or torch.isneginf(probs).all(-1).any():
+            raise ValueError(f"{name} (logits) must be below +inf, with at least one finite logit per row")
         return probs
     if ((probs < 0) | (probs > 1)).any():
         raise ValueError(f"{name} must lie in [0, 1] (got logits? apply a softmax or pass logits=True)")
