@@ -60,22 +60,13 @@ def _autoguided(guide_class):
     return guide, net, guide, args
 
 
-@pytest.mark.parametrize("name", ["regressor", "classifier-flipout", "cnn", "lstm"])
-def test_catalogue_gradients_have_the_eager_distribution(name):
-    pyro.set_rng_seed(0)
-    module, model, guide, args = _catalogue(name)
-    params = [p for p in module.parameters() if p.requires_grad]
-    repeats = 150
-    eager = _gradients(model, guide, params, TraceMeanField_ELBO(), args, repeats)
-    compiled = _gradients(model, guide, params, JitTraceMeanField_ELBO(), args, repeats)
-    _assert_same_distribution(eager, compiled, repeats)
-
-
-@pytest.mark.parametrize("guide_class", [AutoNormal, AutoLowRankMultivariateNormal])
-def test_autoguide_gradients_have_the_eager_distribution(guide_class):
+@pytest.mark.parametrize("name", ["regressor", "classifier-flipout", "cnn", "lstm", "AutoNormal",
+                                  "AutoLowRankMultivariateNormal"])
+def test_gradients_have_the_eager_distribution(name):
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    module, model, guide, args = _autoguided(guide_class)
+    autoguides = {"AutoNormal": AutoNormal, "AutoLowRankMultivariateNormal": AutoLowRankMultivariateNormal}
+    module, model, guide, args = _autoguided(autoguides[name]) if name in autoguides else _catalogue(name)
     params = [p for p in module.parameters() if p.requires_grad]
     repeats = 150
     eager = _gradients(model, guide, params, TraceMeanField_ELBO(), args, repeats)
