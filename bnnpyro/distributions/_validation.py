@@ -90,6 +90,33 @@ def check_prior_values(prefix: str, prior_mean: Tensor, prior_scale: Tensor, KL_
         raise ValueError(f"KL_factor must be a finite non-negative number, got {KL_factor}")
 
 
+def check_layer_values(
+    finite: dict[str, Tensor], positive: dict[str, Tensor], prefix: str, prior_mean: object,
+    prior_scale: object, KL_factor: object,
+) -> None:
+    """
+    A layer distribution's arguments: every tensor in ``finite`` (inputs, means) finite, every one
+    in ``positive`` (scales) finite and strictly positive, and the prior and ``KL_factor`` as in
+    :func:`check_prior_values`. The usual, valid case costs one fused check: NaN and infinities
+    propagate into a single sum, then each scale's minimum is read. Only if that fails are the
+    tensors checked one by one, and the first bad one named (``ValueError``).
+    """
+    prior_mean, prior_scale = torch.as_tensor(prior_mean), torch.as_tensor(prior_scale)
+    total = prior_total(prior_mean, prior_scale)
+    for t in (*finite.values(), *positive.values()):
+        total = total + t.sum()
+    if (bool(torch.isfinite(total)) and all(bool(t.min() > 0) for t in positive.values())
+            and bool((prior_scale > 0).all()) and valid_kl_factor(KL_factor)):
+        return
+    for name, t in finite.items():
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+    for name, t in positive.items():
+        if not (t > 0).all() or not torch.isfinite(t).all():
+            raise ValueError(f"{name} must be finite and strictly positive")
+    check_prior_values(prefix, prior_mean, prior_scale, KL_factor)
+
+
 def check_value_shape(d: Distribution, value: Tensor) -> None:
     """
     The shape part of ``Distribution._validate_sample``: ``value`` is a tensor whose rightmost

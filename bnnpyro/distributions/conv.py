@@ -16,12 +16,10 @@ from torch.distributions.utils import lazy_property
 from bnnpyro.distributions._shapes import broadcast_shapes
 from bnnpyro.distributions._validation import (
     check_float_tensors,
+    check_layer_values,
     check_prior_shape,
-    check_prior_values,
     check_rows,
     check_value_shape,
-    prior_total,
-    valid_kl_factor,
 )
 from bnnpyro.distributions.hidden_layer import ESTIMATORS, random_signs
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
@@ -249,28 +247,10 @@ class ConvLayer(TorchDistribution):
         return torch.Size((int(self.W_mean.shape[0]), *out))
 
     def _check_values(self) -> None:
-        # fast path, one fused check: NaN/inf propagate into the sums
-        prior_mean, prior_scale = torch.as_tensor(self.W_prior_mean), torch.as_tensor(self.W_prior_scale)
-        total = self.X.sum() + self.W_mean.sum() + self.W_scale.sum() + prior_total(prior_mean, prior_scale)
-        positive = self.W_scale.min() > 0
+        finite, positive = {"X": self.X, "W_mean": self.W_mean}, {"W_scale": self.W_scale}
         if self.bias_mean is not None:
-            total = total + self.bias_mean.sum() + self.bias_scale.sum()
-            positive = positive & (self.bias_scale.min() > 0)
-        if bool(torch.isfinite(total)) and bool(positive) and bool((prior_scale > 0).all()):
-            if valid_kl_factor(self.KL_factor):
-                return
-        if not torch.isfinite(self.X).all():
-            raise ValueError("X contains NaN or infinite values")
-        if not torch.isfinite(self.W_mean).all():
-            raise ValueError("W_mean contains NaN or infinite values")
-        if not (self.W_scale > 0).all() or not torch.isfinite(self.W_scale).all():
-            raise ValueError("W_scale must be finite and strictly positive")
-        if self.bias_mean is not None:
-            if not torch.isfinite(self.bias_mean).all():
-                raise ValueError("bias_mean contains NaN or infinite values")
-            if not (self.bias_scale > 0).all() or not torch.isfinite(self.bias_scale).all():
-                raise ValueError("bias_scale must be finite and strictly positive")
-        check_prior_values("W", prior_mean, prior_scale, self.KL_factor)
+            finite["bias_mean"], positive["bias_scale"] = self.bias_mean, self.bias_scale
+        check_layer_values(finite, positive, "W", self.W_prior_mean, self.W_prior_scale, self.KL_factor)
 
     @property
     def support(self):

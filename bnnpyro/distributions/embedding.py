@@ -14,12 +14,10 @@ from torch.distributions.utils import lazy_property
 from bnnpyro.distributions._shapes import broadcast_shapes
 from bnnpyro.distributions._validation import (
     check_float_tensors,
+    check_layer_values,
     check_prior_shape,
-    check_prior_values,
     check_rows,
     check_value_shape,
-    prior_total,
-    valid_kl_factor,
 )
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
@@ -148,17 +146,8 @@ class EmbeddingLayer(TorchDistribution):
                 f"input token ids must lie in [0, {V}) (V = W_mean.size(0)), got range "
                 f"[{int(self.input.min())}, {int(self.input.max())}]"
             )
-        prior_mean, prior_scale = torch.as_tensor(self.W_prior_mean), torch.as_tensor(self.W_prior_scale)
-        # fast path, one fused check: NaN/inf propagate into the sum
-        total = self.W_mean.sum() + self.W_scale.sum() + prior_total(prior_mean, prior_scale)
-        if bool(torch.isfinite(total)) and bool(self.W_scale.min() > 0) and bool((prior_scale > 0).all()):
-            if valid_kl_factor(self.KL_factor):
-                return
-        if not torch.isfinite(self.W_mean).all():
-            raise ValueError("W_mean contains NaN or infinite values")
-        if not (self.W_scale > 0).all() or not torch.isfinite(self.W_scale).all():
-            raise ValueError("W_scale must be finite and strictly positive")
-        check_prior_values("W", prior_mean, prior_scale, self.KL_factor)
+        check_layer_values({"W_mean": self.W_mean}, {"W_scale": self.W_scale}, "W", self.W_prior_mean,
+                           self.W_prior_scale, self.KL_factor)
 
     def expand(self, batch_shape, _instance=None) -> "EmbeddingLayer":
         new = self._get_checked_instance(EmbeddingLayer, _instance)

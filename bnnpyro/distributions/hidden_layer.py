@@ -16,12 +16,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 from bnnpyro.distributions._shapes import broadcast_shapes
 from bnnpyro.distributions._validation import (
     check_float_tensors,
+    check_layer_values,
     check_prior_shape,
-    check_prior_values,
     check_rows,
     check_value_shape,
-    prior_total,
-    valid_kl_factor,
 )
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
@@ -318,23 +316,12 @@ class HiddenLayer(TorchDistribution):
         self._validate_args = validate
 
     def _check_values(self) -> None:
-        # fast path, one fused check: NaN/inf propagate into the sums. An X drawn by another
-        # HiddenLayer (a hidden layer's output) is not summed again: it is finite wherever that
-        # layer's arguments are, and under a plate of S posterior samples it is S x B x H.
-        prior_mean, prior_scale = torch.as_tensor(self.A_prior_mean), torch.as_tensor(self.A_prior_scale)
-        total = self.A_mean.sum() + self.A_scale.sum() + prior_total(prior_mean, prior_scale)
-        if self.X not in _ACTIVATIONS:
-            total = total + self.X.sum()
-        if bool(torch.isfinite(total)) and bool(self.A_scale.min() > 0) and bool((prior_scale > 0).all()):
-            if valid_kl_factor(self.KL_factor):
-                return
-        if not torch.isfinite(self.X).all():
-            raise ValueError("X contains NaN or infinite values")
-        if not torch.isfinite(self.A_mean).all():
-            raise ValueError("A_mean contains NaN or infinite values")
-        if not (self.A_scale > 0).all() or not torch.isfinite(self.A_scale).all():
-            raise ValueError("A_scale must be finite and strictly positive")
-        check_prior_values("A", prior_mean, prior_scale, self.KL_factor)
+        # An X drawn by another HiddenLayer (a hidden layer's output) is not checked again: it is
+        # finite wherever that layer's arguments are, and under a plate of S posterior samples it
+        # is S x B x H.
+        finite = {"A_mean": self.A_mean} if self.X in _ACTIVATIONS else {"X": self.X, "A_mean": self.A_mean}
+        check_layer_values(finite, {"A_scale": self.A_scale}, "A", self.A_prior_mean, self.A_prior_scale,
+                           self.KL_factor)
 
     def expand(self, batch_shape, _instance=None) -> "HiddenLayer":
         new = self._get_checked_instance(HiddenLayer, _instance)
