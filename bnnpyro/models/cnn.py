@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnnpyro._checks import check_class_labels, check_float_batch, positive_int, positive_ints
+from bnnpyro._checks import check_class_labels, check_float_batch, positive_int, positive_ints, positive_number
 from bnnpyro.distributions import ConvLayer, HiddenLayer, normal_kl_sum
 from bnnpyro.distributions.hidden_layer import ESTIMATORS
 from bnnpyro.nn.activations import identity, inverse_softplus
@@ -118,8 +118,7 @@ class BayesianCNNClassifier(nn.Module):
             raise ValueError(f"image_size {size} is too small for {len(channels)} 2x2 pooling steps")
         if not (prior_scale == "fan_in" or (isinstance(prior_scale, (int, float)) and prior_scale > 0)):
             raise ValueError(f"prior_scale must be a positive float or 'fan_in', got {prior_scale!r}")
-        if not (isinstance(init_scale, (int, float)) and init_scale > 0):
-            raise ValueError(f"init_scale must be a positive float, got {init_scale!r}")
+        positive_number("init_scale", init_scale)
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
 

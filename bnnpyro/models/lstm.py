@@ -60,7 +60,7 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from bnnpyro._checks import all_finite, check_like, positive_int
+from bnnpyro._checks import all_finite, check_like, positive_int, positive_number
 from bnnpyro.distributions import FactorizedNormal, HiddenLayer, Prior
 from bnnpyro.nn import BayesianEmbedding, BayesianLSTM, lstm_forward
 from bnnpyro.nn.activations import identity, inverse_softplus
@@ -260,10 +260,8 @@ class _BayesianLSTMNet(nn.Module):
             raise TypeError(
                 f"prior must be a bnnpyro.distributions.Prior or a dict of its fields, got {type(prior).__name__}"
             )
-        if not (isinstance(prior_scale, (int, float)) and prior_scale > 0):
-            raise ValueError(f"prior_scale must be a positive float, got {prior_scale!r}")
-        if not (isinstance(init_scale, (int, float)) and init_scale > 0):
-            raise ValueError(f"init_scale must be a positive float, got {init_scale!r}")
+        positive_number("prior_scale", prior_scale)
+        positive_number("init_scale", init_scale)
         if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.vocab_size = vocab_size

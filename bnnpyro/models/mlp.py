@@ -50,9 +50,8 @@ class _HiddenLayerMLP(nn.Module):
         estimator: str = "local_reparameterization",
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("dataset_size", dataset_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        positive_int("in_features", in_features)
+        positive_int("dataset_size", dataset_size)
         hidden = positive_ints("hidden", hidden)
         self._non_linearity = resolve_non_linearity(non_linearity)
         if not (prior_scale == "fan_in" or (isinstance(prior_scale, (int, float)) and prior_scale > 0)):
