@@ -90,9 +90,9 @@ class _LayerSampling(Messenger):
             self.output_storage[msg["name"]] = fn.drawn_output_storage
 
 
-def _is_global(site: dict) -> bool:
-    """A latent site shared by all data points: in no plate but the particle plate."""
-    if site_is_subsample(site):
+def _is_global_latent(site: dict) -> bool:
+    """A latent sample site shared by all data points: not observed, in no plate but the particle plate."""
+    if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
         return False
     return all(frame.name == _PARTICLE_PLATE for frame in site["cond_indep_stack"])
 
@@ -241,13 +241,12 @@ def _predictive_pass(
         if first:
             global_trace = guide_trace.copy()
             for name, site in list(global_trace.nodes.items()):
-                if site["type"] != "sample" or site["is_observed"] or not _is_global(site):
+                if not _is_global_latent(site):
                     global_trace.remove_node(name)
             for name in return_sites:
                 if name not in guide_trace.nodes:
                     raise ValueError(f"return_sites: {name!r} is not a site of the guide")
-                site = guide_trace.nodes[name]
-                if site["type"] != "sample" or site["is_observed"] or not _is_global(site):
+                if not _is_global_latent(guide_trace.nodes[name]):
                     # a per-row site: its value would be the first chunk's rows only (and failed
                     # in the reshape to S x ... with a bare RuntimeError)
                     raise ValueError(f"return_sites: {name!r} is not a global latent site of the guide (it is "
