@@ -18,6 +18,12 @@ trimming of the network can remove. ``hand-jit`` and ``autonormal-jit``: the sam
 ``bnnpyro.infer.JitTraceMeanField_ELBO``, the loss compiled once by ``torch.jit.trace`` (Pyro's own
 ``JitTraceMeanField_ELBO`` traces again at every step and is 10x slower than no JIT here); they
 run the recorded graph without Pyro's per-step tracing, so they can go below ``pyro-floor``.
+``hand-jit-torchopt`` and ``autonormal-jit-torchopt``: the same compiled losses in the plain PyTorch
+loop that Pyro's docs give for custom training (``loss = elbo.differentiable_loss(model, guide, x,
+y)``, ``loss.backward()``, ``opt.step()``), with one ``torch.optim.Adam`` over all the model's and
+guide's parameters, as in the ``torch`` column. ``SVI.step`` with ``pyro.optim.Adam`` computes the
+same update (``tests/test_torch_optim.py``), but through one Adam instance per parameter and a
+``param_only`` trace to collect them, and it zeroes each gradient by allocating a new tensor.
 
 Each column also reports the minor page faults per step (``getrusage``): glibc returns freed
 memory above its thresholds to the OS and faults it back in on the next allocation, which can cost
@@ -79,6 +85,23 @@ def _svi_step(model, guide, elbo):
     return lambda x, y: svi.step(x, y)
 
 
+def _torch_optim_step(model, guide, elbo, modules):
+    """``elbo.differentiable_loss`` + ``backward`` + one ``torch.optim.Adam`` over the parameters of
+    ``modules``, created at the first step (an autoguide creates its parameters on its first call)."""
+    opt = None
+
+    def step(x, y):
+        nonlocal opt
+        if opt is None:
+            elbo.differentiable_loss(model, guide, x, y)
+            opt = torch.optim.Adam([p for m in modules for p in m.parameters()], lr=1e-3)
+        opt.zero_grad()
+        elbo.differentiable_loss(model, guide, x, y).backward()
+        opt.step()
+
+    return step
+
+
 def _pyro_floor(num_layers: int, num_params: int, regression: bool, num_classes: int, N: int):
     """Model and guide with the catalogue model's sites and parameter count but no network."""
 
@@ -122,6 +145,12 @@ def make_steps(in_features, hidden, out, regression, N=60000):
     net = BayesianMLP(in_features, out, hidden=hidden, dataset_size=N,
                       likelihood="regression" if regression else "classification")
     steps["autonormal-jit"] = _svi_step(net, AnalyticAutoNormal(net), JitTraceMeanField_ELBO())
+    m_opt = cls(in_features, out, hidden=hidden, dataset_size=N)
+    steps["hand-jit-torchopt"] = _torch_optim_step(m_opt.model, m_opt.guide, JitTraceMeanField_ELBO(), [m_opt])
+    net = BayesianMLP(in_features, out, hidden=hidden, dataset_size=N,
+                      likelihood="regression" if regression else "classification")
+    guide = AnalyticAutoNormal(net)
+    steps["autonormal-jit-torchopt"] = _torch_optim_step(net, guide, JitTraceMeanField_ELBO(), [net, guide])
     num_params = sum(1 for _ in m.parameters())
     steps["pyro-floor"] = _svi_step(*_pyro_floor(m.num_layers, num_params, regression, out, N), TraceMeanField_ELBO())
     return steps
