@@ -141,23 +141,23 @@ def _check_optimizer_covers(optim: torch.optim.Optimizer, params: poutine.Trace)
 
 def _torch_optimizer_step(model: Callable[..., Any], guide: Callable[..., Any], optim: torch.optim.Optimizer,
                           loss: ELBO) -> Callable[..., float]:
-    """``step(x, y)``: ``loss.differentiable_loss`` + ``backward`` + ``optim.step()``, returning the loss.
-    The first step checks that ``optim`` holds every parameter the model and guide register."""
+    """``step(x, y)``: ``optim.zero_grad()``, ``loss.loss_and_grads`` (what ``SVI.step`` calls: the
+    loss, and the gradients of its surrogate), ``optim.step()``; returns the loss. The first step
+    checks that ``optim`` holds every parameter the model and guide register."""
     checked = False
 
     def step(*args: Any) -> float:
         nonlocal checked
         optim.zero_grad()
         if checked:
-            value = loss.differentiable_loss(model, guide, *args)
+            value = loss.loss_and_grads(model, guide, *args)
         else:
             with poutine.trace(param_only=True) as capture:
-                value = loss.differentiable_loss(model, guide, *args)
+                value = loss.loss_and_grads(model, guide, *args)
             _check_optimizer_covers(optim, capture.trace)
             checked = True
-        value.backward()
         optim.step()
-        return value.item()
+        return float(value)
 
     return step
 
@@ -198,8 +198,11 @@ def fit(
         for epoch in range(epochs):
             for x_batch, y_batch in minibatches(data):
                 optim.zero_grad()
-                loss.differentiable_loss(model, guide, x_batch, y_batch).backward()
+                loss.loss_and_grads(model, guide, x_batch, y_batch)
                 optim.step()
+
+    (``loss_and_grads`` is what ``SVI.step`` calls; for a reparameterized guide,
+    as every guide here, it is ``loss.differentiable_loss(...).backward()``)
 
     which makes the same updates as ``SVI`` with the Pyro optimizer of the same
     name (Pyro's holds one torch optimizer per parameter; Adam, SGD, RMSprop
