@@ -58,11 +58,13 @@ def test_constrained_sites_as_in_autonormal():
     tr = pyro.poutine.trace(guide).get_trace()
     assert "s_unconstrained" in tr.nodes and "w_unconstrained" not in tr.nodes
     assert (tr.nodes["s"]["value"] > 0).all()
-    loss = TraceMeanField_ELBO(num_particles=2000, vectorize_particles=True).loss(model_pos, guide)
+    loss = TraceMeanField_ELBO(num_particles=20_000, vectorize_particles=True).loss(model_pos, guide)
     # both sites start at the prior's median with scale 0.1: KL of each is known in closed form
     kl_w = kl_divergence(dist.Normal(0.0, 0.1), dist.Normal(0.0, 1.0)).item()
     kl_s = kl_w  # log of a LogNormal is Normal: the same KL in the unconstrained space
-    assert loss == pytest.approx(kl_w + kl_s, abs=0.05)
+    # Monte Carlo: per particle and site log q - log p = -log 0.1 - 0.495 u^2 (u ~ N(0, 1)), of
+    # variance 0.495^2 * 2 = 0.49; two sites over 20,000 particles: standard error 0.007; 5 of them
+    assert loss == pytest.approx(kl_w + kl_s, abs=0.035)
 
 
 def test_make_unique_keeps_two_guides_apart():
