@@ -441,8 +441,9 @@ def test_two_layer_network_on_real_data():
     ll = (
         torch.logsumexp(dist.Normal(fs, noise).log_prob(y[te]), 0) - math.log(fs.shape[0])
     ).mean() - torch.log(ys)
-    # measured (seeds 0-2): RMSE 51.9-55.4, LL -5.53 to -5.56; predicting the training mean gives ~77 / -5.76
-    assert rmse < 58.0, rmse
+    # measured (global seeds 0-15): RMSE 51.3-59.2, LL -5.50 to -5.59; predicting the training mean
+    # gives ~77 / -5.76
+    assert rmse < 62.0, rmse
     assert ll.item() > -5.65, ll.item()
 
 
