@@ -49,7 +49,7 @@ def test_loss_without_observations_is_the_analytic_kl(N, B):
     x, y = torch.randn(B, 4), torch.randn(B, 2)
     guide = AnalyticAutoNormal(m, init_loc_fn=init_to_sample, init_scale=0.3)
     guide(x, y)
-    no_likelihood = poutine.block(m, hide=["obs"])
+    no_likelihood = poutine.block(m, hide=["y"])
     assert TraceMeanField_ELBO().loss(no_likelihood, guide, x, y) == pytest.approx(_guide_kl(guide, m).item(), rel=1e-5)
 
 
@@ -59,7 +59,7 @@ def test_pyro_autonormal_gives_a_monte_carlo_kl():
     x, y = torch.randn(5, 3), torch.randn(5)
     guide = AutoNormal(m, init_loc_fn=init_to_sample, init_scale=0.3)
     guide(x, y)
-    no_likelihood = poutine.block(m, hide=["obs"])
+    no_likelihood = poutine.block(m, hide=["y"])
     kl = _guide_kl(guide, m).item()
     assert TraceMeanField_ELBO().loss(no_likelihood, guide, x, y) != pytest.approx(kl, rel=1e-3)
     elbo = TraceMeanField_ELBO(num_particles=20000, vectorize_particles=True, max_plate_nesting=1)
@@ -131,7 +131,7 @@ def test_parallel_predictive_shapes(guide_cls, likelihood, out):
     SVI(m, guide, pyro.optim.Adam({"lr": 1e-2}), TraceMeanField_ELBO()).step(x, y)
     samples = Predictive(m, guide=guide, num_samples=S, parallel=True)(x)
     assert samples["f"].shape == (S, B, out)
-    assert samples["obs"].shape == ((S, B) if out == 1 or likelihood == "classification" else (S, B, out))
+    assert samples["y"].shape == ((S, B) if out == 1 or likelihood == "classification" else (S, B, out))
     sequential = Predictive(m, guide=guide, num_samples=S, return_sites=["f"])(x)
     assert sequential["f"].shape == (S, B, out)
 

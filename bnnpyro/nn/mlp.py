@@ -44,8 +44,9 @@ class BayesianMLP(UniqueParamNames, PyroModule):
     (sites ``layers.<i>.weight`` / ``layers.<i>.bias``) with ``non_linearity`` between them,
     and a likelihood; ``forward(x, y=None)`` is a Pyro model.
 
-    *Likelihood* (site ``obs``, in ``pyro.plate("data", N, subsample=arange(B), dim=-1)``,
-    which scales it by ``N / B`` with ``N = dataset_size``, default the batch size):
+    *Likelihood* (site ``y``, as in the catalogue models, in ``pyro.plate("data", N,
+    subsample=arange(B), dim=-1)``, which scales it by ``N / B`` with ``N = dataset_size``, default
+    the batch size):
 
     - ``"regression"``: :math:`y_n \sim \mathcal N(f(x_n), \sigma^2)`, ``Normal(f.squeeze(-1),
       sigma)`` with ``y`` of shape ``B`` if ``out_features == 1``, else
@@ -179,7 +180,7 @@ class BayesianMLP(UniqueParamNames, PyroModule):
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
         """
-        The model: ``x`` ``B x in`` (float), ``y`` as documented or ``None`` (then ``obs`` is
+        The model: ``x`` ``B x in`` (float), ``y`` as documented or ``None`` (then ``y`` is
         sampled). Returns ``f``: ``B x out``, or ``*P x B x out`` under outer plates.
 
         Raises:
@@ -200,7 +201,7 @@ class BayesianMLP(UniqueParamNames, PyroModule):
                 likelihood = dist.Normal(f.squeeze(-1), self.sigma)
             else:
                 likelihood = dist.Normal(f, self.sigma).to_event(1)
-            pyro.sample("obs", likelihood, obs=y)
+            pyro.sample("y", likelihood, obs=y)
         return f
 
     def mean_and_scale(self, f: Tensor) -> tuple[Tensor, Tensor]:
