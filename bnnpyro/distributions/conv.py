@@ -7,21 +7,19 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from pyro.distributions.torch_distribution import TorchDistribution
 from torch import Tensor
 from torch.distributions import Distribution, constraints
 from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
-from bnnpyro.distributions._shapes import broadcast_shapes
 from bnnpyro.distributions._validation import (
     check_float_tensors,
     check_layer_values,
     check_prior_shape,
     check_rows,
-    check_value_shape,
 )
 from bnnpyro.distributions.hidden_layer import ESTIMATORS, random_signs
+from bnnpyro.distributions.folded_kl import FoldedKLLayer
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
@@ -35,7 +33,7 @@ def _per_dim(value: int | tuple[int, ...], d: int, name: str, minimum: int) -> t
     return values
 
 
-class ConvLayer(TorchDistribution):
+class ConvLayer(FoldedKLLayer):
     r"""
     A convolution (``conv1d`` or ``conv2d``) with a factorised Gaussian over its
     filters (and optionally its bias), represented as a distribution over the
@@ -123,7 +121,6 @@ class ConvLayer(TorchDistribution):
         "W_mean": constraints.real,
         "W_scale": constraints.positive,
     }
-    has_rsample = True
 
     def __init__(
         self,
@@ -263,18 +260,14 @@ class ConvLayer(TorchDistribution):
         new.X = self.X.expand(batch_shape + self.X.shape[-(d + 1):])
         # moments are computed on the distinct rows and broadcast to the new batch shape
         new._X_distinct = self._X_distinct
-        for attr in (
+        attrs = (
             "W_mean", "W_scale", "bias_mean", "bias_scale", "non_linearity", "KL_factor",
             "W_prior_mean", "W_prior_scale", "stride", "padding", "dilation", "groups",
             "estimator", "conv_dim", "_kl_per_row",
-        ):
-            setattr(new, attr, getattr(self, attr))
+        )
         if self.bias_mean is not None:
-            new._bias_prior_mean = self._bias_prior_mean
-            new._bias_prior_scale = self._bias_prior_scale
-        super(ConvLayer, new).__init__(batch_shape, self.event_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
+            attrs += ("_bias_prior_mean", "_bias_prior_scale")
+        return self._finish_expand(new, batch_shape, attrs)
 
     @lazy_property
     def KL(self) -> Tensor:
@@ -356,16 +349,6 @@ class ConvLayer(TorchDistribution):
                     pre = pre + b.reshape(lead + (1, C_out) + ones)
         return self.non_linearity(pre)
 
-    def log_prob(self, value: Tensor) -> Tensor:
-        """
-        This row's share of the folded KL, ``KL_factor * KL / B`` (positive),
-        broadcast to the batch shape of ``value``. ``value`` itself does not enter.
-        """
-        if self._validate_args:
-            check_value_shape(self, value)
-        shape = broadcast_shapes(value.shape[: value.dim() - len(self.event_shape)], self.batch_shape)
-        return (self._kl_per_row * self.KL).expand(shape)
-
 
 @register_kl(ConvLayer, ConvLayer)
 def _kl_convlayer_convlayer(q: ConvLayer, p: ConvLayer) -> Tensor:
@@ -382,4 +365,4 @@ def _kl_convlayer_convlayer(q: ConvLayer, p: ConvLayer) -> Tensor:
     kl = normal_kl_sum(q.W_mean, q.W_scale, p.W_mean, p.W_scale)
     if q.bias_mean is not None:
         kl = kl + normal_kl_sum(q.bias_mean, q.bias_scale, p.bias_mean, p.bias_scale)
-    return (q._kl_per_row * kl).expand(q.batch_shape)
+    return q._folded_kl(kl)

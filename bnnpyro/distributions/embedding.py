@@ -5,26 +5,24 @@ from __future__ import annotations
 import math
 
 import torch
-from pyro.distributions.torch_distribution import TorchDistribution
 from torch import Tensor
 from torch.distributions import Distribution, constraints
 from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
-from bnnpyro.distributions._shapes import broadcast_shapes
 from bnnpyro.distributions._validation import (
     check_float_tensors,
     check_layer_values,
     check_prior_shape,
     check_rows,
-    check_value_shape,
 )
+from bnnpyro.distributions.folded_kl import FoldedKLLayer
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
 EMBEDDING_ESTIMATORS = ("local_reparameterization", "weight_space")
 
 
-class EmbeddingLayer(TorchDistribution):
+class EmbeddingLayer(FoldedKLLayer):
     r"""
     An embedding table with a factorised Gaussian over its entries,
     :math:`W_{ve} \sim \mathcal N(\mu_{ve}, \sigma_{ve}^2)`, represented as a distribution
@@ -70,7 +68,6 @@ class EmbeddingLayer(TorchDistribution):
 
     arg_constraints = {"W_mean": constraints.real, "W_scale": constraints.positive}
     support = constraints.independent(constraints.real, 2)
-    has_rsample = True
 
     def __init__(
         self,
@@ -155,12 +152,9 @@ class EmbeddingLayer(TorchDistribution):
         new.input = self.input.expand(batch_shape + self.input.shape[-1:])
         # lookups are done on the distinct rows and broadcast to the new batch shape
         new._input_distinct = self._input_distinct
-        for attr in ("W_mean", "W_scale", "KL_factor", "W_prior_mean", "W_prior_scale",
-                     "padding_idx", "estimator", "_kl_per_row"):
-            setattr(new, attr, getattr(self, attr))
-        super(EmbeddingLayer, new).__init__(batch_shape, self.event_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
+        attrs = ("W_mean", "W_scale", "KL_factor", "W_prior_mean", "W_prior_scale", "padding_idx", "estimator",
+                 "_kl_per_row")
+        return self._finish_expand(new, batch_shape, attrs)
 
     @lazy_property
     def KL(self) -> Tensor:
@@ -191,16 +185,6 @@ class EmbeddingLayer(TorchDistribution):
         out = tables[replica, inverse].reshape(sample_shape + self.batch_shape + self.event_shape)
         return self._mask_padding(out, self.input)
 
-    def log_prob(self, value: Tensor) -> Tensor:
-        """
-        This row's share of the folded KL, ``KL_factor * KL / B`` (positive),
-        broadcast to the batch shape of ``value``. ``value`` itself does not enter.
-        """
-        if self._validate_args:
-            check_value_shape(self, value)
-        shape = broadcast_shapes(value.shape[:-2], self.batch_shape)
-        return (self._kl_per_row * self.KL).expand(shape)
-
 
 @register_kl(EmbeddingLayer, EmbeddingLayer)
 def _kl_embeddinglayer_embeddinglayer(q: EmbeddingLayer, p: EmbeddingLayer) -> Tensor:
@@ -212,4 +196,4 @@ def _kl_embeddinglayer_embeddinglayer(q: EmbeddingLayer, p: EmbeddingLayer) -> T
         raise ValueError(
             f"cannot compare EmbeddingLayers of table shapes {tuple(q.W_mean.shape)} and {tuple(p.W_mean.shape)}"
         )
-    return (q._kl_per_row * normal_kl_sum(q.W_mean, q.W_scale, p.W_mean, p.W_scale)).expand(q.batch_shape)
+    return q._folded_kl(normal_kl_sum(q.W_mean, q.W_scale, p.W_mean, p.W_scale))

@@ -6,7 +6,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from pyro.distributions.torch_distribution import TorchDistribution
 from torch import Tensor
 from torch.distributions import Distribution, constraints
 from torch.distributions.kl import register_kl
@@ -19,8 +18,8 @@ from bnnpyro.distributions._validation import (
     check_layer_values,
     check_prior_shape,
     check_rows,
-    check_value_shape,
 )
+from bnnpyro.distributions.folded_kl import FoldedKLLayer
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
 
@@ -132,7 +131,7 @@ class _LocalReparameterizationSample(torch.autograd.Function):
         return grad_X, grad_A_mean, grad_A_scale, None
 
 
-class HiddenLayer(TorchDistribution):
+class HiddenLayer(FoldedKLLayer):
     r"""
     A fully connected layer with a factorised Gaussian over its weights,
     represented as a distribution over the layer's *activations*.
@@ -239,7 +238,6 @@ class HiddenLayer(TorchDistribution):
         "A_scale": constraints.positive,
     }
     support = constraints.independent(constraints.real, 1)
-    has_rsample = True
 
     def __init__(
         self,
@@ -329,7 +327,7 @@ class HiddenLayer(TorchDistribution):
         new.X = self.X.expand(batch_shape + self.X.shape[-1:])
         # moments are computed once on the distinct rows and broadcast to the new batch shape
         new._X_distinct = self._X_distinct
-        for attr in (
+        attrs = (
             "A_mean",
             "A_scale",
             "non_linearity",
@@ -344,12 +342,9 @@ class HiddenLayer(TorchDistribution):
             "_kl_per_row",
             "weight_noise",
             "output_buffer",
-        ):
-            setattr(new, attr, getattr(self, attr))
+        )
         new.drawn_weight_noise = new.drawn_output_storage = None
-        super(HiddenLayer, new).__init__(batch_shape, self.event_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
+        return self._finish_expand(new, batch_shape, attrs)
 
     @lazy_property
     def KL(self) -> Tensor:
@@ -459,18 +454,6 @@ class HiddenLayer(TorchDistribution):
             perturbation = Xs @ dA
         return torch.addcmul(self._X_distinct @ self.A_mean, perturbation, s_out)
 
-    def log_prob(self, value: Tensor) -> Tensor:
-        """
-        This row's share of the folded KL, ``KL_factor * KL / B`` (positive),
-        broadcast to ``value.shape[:-1]``. ``value`` itself does not enter.
-        """
-        if self._validate_args:
-            check_value_shape(self, value)
-        shape = value.shape[:-1]
-        if shape != self.batch_shape:
-            shape = broadcast_shapes(shape, self.batch_shape)
-        return (self._kl_per_row * self.KL).expand(shape)
-
 
 @register_kl(HiddenLayer, HiddenLayer)
 def _kl_hiddenlayer_hiddenlayer(q: HiddenLayer, p: HiddenLayer) -> Tensor:
@@ -486,7 +469,7 @@ def _kl_hiddenlayer_hiddenlayer(q: HiddenLayer, p: HiddenLayer) -> Tensor:
         kl = q.KL  # p is q's own prior: reuse the KL already computed for log_prob
     else:
         kl = normal_kl_sum(q.A_mean, q.A_scale, p.A_mean, p.A_scale)
-    return (q._kl_per_row * kl).expand(q.batch_shape)
+    return q._folded_kl(kl)
 
 
 def _broadcast_of(t: Tensor, source: Tensor | float) -> bool:
