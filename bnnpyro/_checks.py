@@ -83,6 +83,20 @@ def positive_number(name: str, value: object) -> float:
     return value
 
 
+def one_of(name: str, value: object, choices: tuple) -> object:
+    """``value`` if it is one of ``choices``, else ``ValueError`` naming ``name`` and the choices."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def prior_scale_or_fan_in(value: object) -> float | str:
+    """A catalogue model's ``prior_scale``: a positive number or ``"fan_in"``, else ``ValueError``."""
+    if not (value == "fan_in" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)):
+        raise ValueError(f"prior_scale must be a positive float or 'fan_in', got {value!r}")
+    return value
+
+
 def check_class_labels(x: Tensor, y: object, num_classes: int) -> None:
     """``y`` must be an int64 tensor of shape ``(B,)`` for ``x`` of ``B`` rows, holding labels in
     ``[0, num_classes)``; raises ``TypeError``/``ValueError`` naming ``y`` otherwise."""

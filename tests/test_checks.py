@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from bnnpyro._checks import all_finite
+from bnnpyro._checks import all_finite, one_of, prior_scale_or_fan_in
 
 BIG = torch.finfo(torch.float32).max
 
@@ -134,3 +134,20 @@ def test_empty_minibatches_raise_naming_the_input():
     cnn = BayesianCNNClassifier(num_classes=3, image_size=8, channels=(2, 2), hidden=(4,), dataset_size=10)
     with pytest.raises(ValueError, match=r"x must have at least one row, got shape \(0, 1, 8, 8\)"):
         cnn.model(torch.randn(0, 1, 8, 8))
+
+
+@pytest.mark.parametrize("value", [1.0, 2, 1e-3, "fan_in"])
+def test_prior_scale_or_fan_in_accepts(value):
+    assert prior_scale_or_fan_in(value) == value
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, True, "fan-in", None, float("nan"), [1.0]])
+def test_prior_scale_or_fan_in_rejects_naming_the_argument(value):
+    with pytest.raises(ValueError, match=r"prior_scale must be a positive float or 'fan_in', got "):
+        prior_scale_or_fan_in(value)
+
+
+def test_one_of_names_the_argument_and_the_choices():
+    assert one_of("estimator", "flipout", ("weight_space", "flipout")) == "flipout"
+    with pytest.raises(ValueError, match=r"estimator must be one of \('weight_space', 'flipout'\), got 'x'"):
+        one_of("estimator", "x", ("weight_space", "flipout"))

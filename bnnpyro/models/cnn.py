@@ -39,9 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnnpyro._checks import check_class_labels, check_float_batch, positive_int, positive_ints, positive_number
+from bnnpyro._checks import (check_class_labels, check_float_batch, one_of, positive_int, positive_ints,
+                             positive_number, prior_scale_or_fan_in)
 from bnnpyro.distributions import ConvLayer, HiddenLayer, normal_kl_sum
 from bnnpyro.distributions.hidden_layer import ESTIMATORS
+from bnnpyro.models._config import ConfigRepr
 from bnnpyro.nn.activations import identity, inverse_softplus
 from bnnpyro.nn.param_names import new_param_prefix
 
@@ -65,7 +67,7 @@ def _append_ones(h: Tensor) -> Tensor:
     return torch.cat([h, h.new_ones(h.shape[:-1] + (1,))], dim=-1)
 
 
-class BayesianCNNClassifier(nn.Module):
+class BayesianCNNClassifier(ConfigRepr, nn.Module):
     r"""
     Bayesian LeNet-style classifier: ``[ConvLayer(k x k, same padding) -> ReLU -> maxpool 2x2] x
     len(channels) -> flatten -> [HiddenLayer -> ReLU] x len(hidden) -> HiddenLayer -> logits``.
@@ -116,11 +118,9 @@ class BayesianCNNClassifier(nn.Module):
             raise ValueError("channels must name at least one convolution block")
         if min(size) < 2 ** len(channels):
             raise ValueError(f"image_size {size} is too small for {len(channels)} 2x2 pooling steps")
-        if not (prior_scale == "fan_in" or (isinstance(prior_scale, (int, float)) and prior_scale > 0)):
-            raise ValueError(f"prior_scale must be a positive float or 'fan_in', got {prior_scale!r}")
+        prior_scale_or_fan_in(prior_scale)
         positive_number("init_scale", init_scale)
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        one_of("estimator", estimator, ESTIMATORS)
 
         self.num_classes = num_classes
         self.dataset_size = dataset_size
@@ -165,10 +165,6 @@ class BayesianCNNClassifier(nn.Module):
             "estimator": estimator,
         }
         self._pyro_name = new_param_prefix(type(self).__name__)
-
-    def extra_repr(self) -> str:
-        """The constructor's arguments (``config``), so that ``repr`` tells models apart."""
-        return ", ".join(f"{k}={v!r}" for k, v in self.config.items() if v is not None)
 
     @property
     def num_conv(self) -> int:

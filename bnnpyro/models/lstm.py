@@ -60,8 +60,9 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from bnnpyro._checks import all_finite, check_like, positive_int, positive_number
+from bnnpyro._checks import all_finite, check_like, one_of, positive_int, positive_number
 from bnnpyro.distributions import FactorizedNormal, HiddenLayer, Prior
+from bnnpyro.models._config import ConfigRepr
 from bnnpyro.nn import BayesianEmbedding, BayesianLSTM, lstm_forward
 from bnnpyro.nn.activations import identity, inverse_softplus
 from bnnpyro.nn.lstm import LSTMState, lstm_flipout_forward
@@ -225,7 +226,7 @@ class _MeanFieldNormal(nn.Module):
         return {s: self.loc[self._key(s)] for s in self.sites}
 
 
-class _BayesianLSTMNet(nn.Module):
+class _BayesianLSTMNet(ConfigRepr, nn.Module):
     r"""
     Shared plumbing: the encoder, its mean-field posterior, the output layer's parameters
     (``(H + 1) x out_features``, the last row a bias) and their priors, input checks.
@@ -247,8 +248,7 @@ class _BayesianLSTMNet(nn.Module):
         estimator: str,
     ) -> None:
         super().__init__()
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        one_of("estimator", estimator, ESTIMATORS)
         for name, value in (("hidden_size", hidden_size), ("dataset_size", dataset_size),
                             ("num_layers", num_layers), ("input_size", input_size)):
             positive_int(name, value)
@@ -285,10 +285,6 @@ class _BayesianLSTMNet(nn.Module):
         self.register_buffer("out_prior_mean", torch.zeros(()))
         self.register_buffer("out_prior_scale", torch.tensor(float(prior_scale)))
         self._pyro_name = new_param_prefix(type(self).__name__)
-
-    def extra_repr(self) -> str:
-        """The constructor's arguments (``config``), so that ``repr`` tells models apart."""
-        return ", ".join(f"{k}={v!r}" for k, v in self.config.items() if v is not None)
 
     # -- checks ------------------------------------------------------------------------------
 

@@ -11,14 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnnpyro._checks import all_finite, check_class_labels, check_float_batch, positive_int, positive_ints, positive_number
+from bnnpyro._checks import (all_finite, check_class_labels, check_float_batch, one_of, positive_int, positive_ints,
+                             positive_number, prior_scale_or_fan_in)
 from bnnpyro.distributions import HiddenLayer, normal_kl_sum
 from bnnpyro.distributions.hidden_layer import ESTIMATORS
+from bnnpyro.models._config import ConfigRepr
 from bnnpyro.nn.activations import identity, inverse_softplus, resolve_non_linearity
 from bnnpyro.nn.param_names import new_param_prefix
 
 
-class _HiddenLayerMLP(nn.Module):
+class _HiddenLayerMLP(ConfigRepr, nn.Module):
     r"""
     Shared plumbing of the catalogue MLPs: ``in_features -> hidden... -> out_width``, every
     layer a :class:`~bnnpyro.distributions.HiddenLayer` (local reparameterization).
@@ -54,11 +56,9 @@ class _HiddenLayerMLP(nn.Module):
         positive_int("dataset_size", dataset_size)
         hidden = positive_ints("hidden", hidden)
         self._non_linearity = resolve_non_linearity(non_linearity)
-        if not (prior_scale == "fan_in" or (isinstance(prior_scale, (int, float)) and prior_scale > 0)):
-            raise ValueError(f"prior_scale must be a positive float or 'fan_in', got {prior_scale!r}")
+        prior_scale_or_fan_in(prior_scale)
         positive_number("init_scale", init_scale)
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        one_of("estimator", estimator, ESTIMATORS)
         self.estimator = estimator
 
         self.in_features = in_features
@@ -77,10 +77,6 @@ class _HiddenLayerMLP(nn.Module):
             self.register_buffer(f"prior_mean_{layer}", torch.zeros(()))
             self.register_buffer(f"prior_scale_{layer}", torch.tensor(scale))
         self._pyro_name = new_param_prefix(type(self).__name__)
-
-    def extra_repr(self) -> str:
-        """The constructor's arguments (``config``), so that ``repr`` tells models apart."""
-        return ", ".join(f"{k}={v!r}" for k, v in self.config.items() if v is not None)
 
     @property
     def num_layers(self) -> int:
