@@ -18,8 +18,8 @@ from bnnpyro.distributions._validation import (
     check_prior_shape,
     check_rows,
 )
-from bnnpyro.distributions.hidden_layer import ESTIMATORS, random_signs
 from bnnpyro.distributions.folded_kl import FoldedKLLayer
+from bnnpyro.distributions.hidden_layer import ESTIMATORS, random_signs
 from bnnpyro.distributions.kl import minibatch_kl_factor, normal_kl_sum
 
 _CONV = {1: F.conv1d, 2: F.conv2d}

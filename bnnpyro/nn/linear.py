@@ -21,6 +21,7 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.nn import PyroModule, PyroSample
 from torch import Tensor
 
+from bnnpyro._checks import prior_scale_or_fan_in
 from bnnpyro.distributions.factorized_normal import FactorizedNormal
 from bnnpyro.distributions.priors import Prior, ScaleMixtureNormal
 
@@ -44,10 +45,8 @@ def _resolve_prior(prior: Optional[Prior], prior_scale: float | str, in_features
         if prior_scale != 1.0:
             raise ValueError(f"give either prior or prior_scale, not both (got prior_scale={prior_scale!r})")
         return prior
-    if prior_scale == "fan_in":
+    if prior_scale_or_fan_in(prior_scale) == "fan_in":
         return Prior("normal", 0.0, 1.0 / math.sqrt(in_features))
-    if isinstance(prior_scale, (str, bool)) or not isinstance(prior_scale, (int, float)) or not prior_scale > 0:
-        raise ValueError(f"prior_scale must be a positive number or 'fan_in', got {prior_scale!r}")
     return Prior("normal", 0.0, float(prior_scale))
 
 
