@@ -20,6 +20,7 @@ from torch.autograd.functional import jacobian
 from torch.distributions import kl_divergence
 
 from bnnpyro.distributions import ConvLayer, HiddenLayer
+from bnnpyro.distributions.hidden_layer import random_signs
 
 ESTIMATORS = ["local_reparameterization", "weight_space", "flipout"]
 S = 40_000
@@ -191,3 +192,28 @@ def test_hidden_layer_flipout_loss_without_likelihood_is_the_kl(elbo_cls):
     idx = torch.randperm(N)[:B]
     for elbo in (elbo_cls(), elbo_cls(num_particles=5, vectorize_particles=True, max_plate_nesting=1)):
         assert elbo.loss(model, guide, idx) == pytest.approx(kl.item(), rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (7,), (3, 32), (5, 33, 2)])
+def test_random_signs_values_shape_dtype(shape):
+    like = torch.zeros((), dtype=torch.float64)
+    s = random_signs(shape, like)
+    assert s.shape == shape and s.dtype == torch.float64
+    assert ((s == 1) | (s == -1)).all()
+
+
+def test_random_signs_are_fair_and_independent():
+    # n i.i.d. fair signs: the mean and every lag-k autocorrelation have std 1/sqrt(n); the
+    # signs are 32 bits of one word each, so lags 1 (bits of one word), 31 and 32 (the same bit
+    # of neighbouring words) and every bit position (i mod 32) are checked, at 5 standard errors
+    n = 32 * 20_000
+    torch.manual_seed(1)
+    s = random_signs((n,), torch.zeros(()))
+    assert s.mean().abs() < 5 / n**0.5
+    for lag in (1, 2, 31, 32, 33):
+        assert (s[lag:] * s[:-lag]).mean().abs() < 5 / (n - lag) ** 0.5, lag
+    per_bit = s.view(-1, 32).mean(0)  # 32 means of n / 32 signs each
+    assert per_bit.abs().max() < 5 / (n / 32) ** 0.5
+    # reproducible from the global seed
+    torch.manual_seed(1)
+    torch.testing.assert_close(random_signs((n,), torch.zeros(())), s)

@@ -35,6 +35,7 @@ from pyro.nn import PyroModule, PyroSample
 from torch import Tensor, _VF, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from bnnpyro.distributions.hidden_layer import random_signs
 from bnnpyro.distributions.priors import Prior
 
 LSTMState = tuple[Tensor, Tensor]
@@ -161,11 +162,7 @@ def flipout_signs(batch_size: int, weights: Sequence[Tensor], bias: bool) -> lis
     """
     per_layer = 4 if bias else 2
     matrices = [w for i, w in enumerate(weights) if i % per_layer < 2]
-
-    def signs(n: int, like: Tensor) -> Tensor:
-        return like.new_empty(batch_size, n).bernoulli_(0.5).mul_(2.0).sub_(1.0)
-
-    return [(signs(w.shape[1], w), signs(w.shape[0], w)) for w in matrices]
+    return [(random_signs((batch_size, w.shape[1]), w), random_signs((batch_size, w.shape[0]), w)) for w in matrices]
 
 
 def _flipout_linear(x: Tensor, mean: Tensor, delta: Tensor, s_in: Tensor, s_out: Tensor) -> Tensor:
