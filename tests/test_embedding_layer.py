@@ -198,3 +198,15 @@ def test_bad_priors_and_kl_factors_raise():
                           ({"KL_factor": float("nan")}, "KL_factor must be a finite non-negative number")]:
         with pytest.raises(ValueError, match=match):
             EmbeddingLayer(TOKENS, W_mean, W_scale, validate_args=True, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_any_integer_dtype_looks_up_the_same_rows(dtype):
+    """Token ids of any integer dtype are looked up as int64 (a uint8 index tensor was taken as a
+    boolean mask: wrong rows, silently)."""
+    W_mean, W_scale = torch.arange(30.0).reshape(3, 10), torch.full((3, 10), 1e-6)
+    ids = torch.tensor([[2, 1], [1, 2]])
+    want = EmbeddingLayer(ids, W_mean, W_scale).rsample()
+    got = EmbeddingLayer(ids.to(dtype), W_mean, W_scale).rsample()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(want, W_mean[ids], atol=1e-4, rtol=0)

@@ -164,3 +164,15 @@ def test_width_sequences_are_checked_by_name():
         BayesianCNNClassifier(image_size=8, channels=(4,), hidden=128)
     with pytest.raises(ValueError, match=r"channels must be a sequence of positive ints, got \(4, 0\)"):
         BayesianCNNClassifier(image_size=8, channels=(4, 0))
+
+
+@pytest.mark.parametrize("estimator", ["auto", None])
+def test_weight_space_filters_are_one_network_across_chunks(estimator):
+    """sample_predictive reuses a weight-space ConvLayer's S filter (and bias) draws on every chunk,
+    as a HiddenLayer's: the two copies of x, in different chunks, give the same outputs (the conv
+    weights were redrawn per chunk, a difference of about 1)."""
+    m = _small(estimator="weight_space", init_scale=0.3)
+    x0 = torch.rand(3, 1, 8, 8)
+    f = sample_predictive(m.model, m.guide, torch.cat([x0, x0]), 4, chunk_size=3, estimator=estimator)["f"]
+    torch.testing.assert_close(f[:, :3], f[:, 3:])
+    assert f.std(0).mean() > 0.01

@@ -372,3 +372,34 @@ def test_chunks_of_a_model_with_global_weight_sites_sequential():
     m = BayesianLSTMClassifier(num_classes=3, hidden_size=4, dataset_size=10, input_size=3)
     f = sample_predictive(m.model, m.guide, torch.randn(10, 5, 3), 3, chunk_size=4, vectorize=False)["f"]
     assert f.shape == (3, 10, 3)
+
+
+@pytest.mark.parametrize("estimator", [None, "weight_space"])
+def test_weight_space_guides_keep_their_networks_across_chunks(estimator):
+    """A guide whose layers sample their weights (estimator="weight_space") keeps its S networks
+    across chunks with sample_predictive's estimator=None ("each layer's own") as with
+    "weight_space": x twice over, split so that its two copies fall in different chunks, gives the
+    same outputs for both copies (with per-chunk weight draws they differed by about 2)."""
+    m = BayesianMLPClassifier(3, 4, hidden=(5,), dataset_size=20, estimator="weight_space", init_scale=0.5)
+    x0 = torch.randn(6, 3)
+    f = sample_predictive(m.model, m.guide, torch.cat([x0, x0]), 5, chunk_size=4, estimator=estimator)["f"]
+    torch.testing.assert_close(f[:, :6], f[:, 6:])
+    assert f.std(0).mean() > 0.1  # the S networks differ
+
+
+def test_a_layer_site_outside_every_plate_is_drawn_per_chunk():
+    """A HiddenLayer made an event (.to_event(1)) outside any data plate has one value per row of x:
+    it is not a global weight site to replay on later chunks (which copied the first chunk's rows
+    into the second). With a tiny posterior scale f is the mean network's X @ A_mean on every row."""
+    from bnnpyro.distributions import HiddenLayer
+    from bnnpyro.nn.activations import identity
+
+    A_mean, A_scale = torch.randn(3, 2), torch.full((3, 2), 1e-6)
+
+    def model(x, y=None):
+        return pyro.sample("f", HiddenLayer(x, A_mean, A_scale, identity, include_hidden_bias=False).to_event(1))
+
+    x = torch.randn(8, 3)
+    for chunk_size in (None, 4, 3):
+        f = sample_predictive(model, model, x, 2, chunk_size=chunk_size)["f"]
+        torch.testing.assert_close(f, (x @ A_mean).expand(2, 8, 2), atol=1e-4, rtol=0)

@@ -67,7 +67,11 @@ class ConvLayer(FoldedKLLayer):
       sampling are exact per row.
     - ``"weight_space"``: one filter (and bias) draw per replica of the network
       (per element of ``sample_shape + batch_shape[:-1]``), shared by all rows of the
-      minibatch; the replicas run as one grouped convolution.
+      minibatch; the replicas run as one grouped convolution. As for :class:`HiddenLayer`,
+      the standard normal noise of the draw is left in ``drawn_weight_noise`` (a pair: filters
+      ``replicas x W_mean.shape``, bias ``replicas x C_out`` or ``None``), and setting
+      ``weight_noise`` to such a pair makes later draws reuse it (the same networks on other
+      inputs).
     - ``"flipout"`` (Wen et al., 2018): one perturbation :math:`\Delta W = \sigma\odot\varepsilon`
       (and one bias draw) per replica, and per row random signs
       :math:`s^{in}_n \in \{\pm1\}^{C_{in}}`, :math:`s^{out}_n \in \{\pm1\}^{C_{out}}`
@@ -196,6 +200,8 @@ class ConvLayer(FoldedKLLayer):
         self.estimator = estimator
         self.conv_dim = d
         self._kl_per_row = KL_factor / rows
+        self.weight_noise: tuple[Tensor, Tensor | None] | None = None
+        self.drawn_weight_noise: tuple[Tensor, Tensor | None] | None = None
         if bias_mean is not None:
             self._bias_prior_mean = self._bias_prior(W_prior_mean, "W_prior_mean")
             self._bias_prior_scale = self._bias_prior(W_prior_scale, "W_prior_scale")
@@ -263,8 +269,9 @@ class ConvLayer(FoldedKLLayer):
         attrs = (
             "W_mean", "W_scale", "bias_mean", "bias_scale", "non_linearity", "KL_factor",
             "W_prior_mean", "W_prior_scale", "stride", "padding", "dilation", "groups",
-            "estimator", "conv_dim", "_kl_per_row",
+            "estimator", "conv_dim", "_kl_per_row", "weight_noise",
         )
+        new.drawn_weight_noise = None
         if self.bias_mean is not None:
             attrs += ("_bias_prior_mean", "_bias_prior_scale")
         return self._finish_expand(new, batch_shape, attrs)
@@ -316,11 +323,18 @@ class ConvLayer(FoldedKLLayer):
         b_var = None if self.bias_scale is None else self.bias_scale**2
         return self._conv(X, self.W_mean, b_mean), self._conv(X * X, self.W_scale**2, b_var)
 
-    def _sample_bias(self, lead: torch.Size) -> Tensor | None:
-        if self.bias_mean is None:
-            return None
-        eps = torch.randn(lead + self.bias_mean.shape, dtype=self.bias_mean.dtype, device=self.bias_mean.device)
-        return torch.addcmul(self.bias_mean, eps, self.bias_scale)
+    def _draw_noise(self, lead: torch.Size) -> tuple[Tensor, Tensor | None]:
+        """Standard normal noise of one filter (and bias) draw per replica, ``lead x W`` (and
+        ``lead x C_out``): ``weight_noise`` if it has these shapes (weight-space sampling only),
+        else fresh; left in ``drawn_weight_noise``."""
+        noise = self.weight_noise if self.estimator == "weight_space" else None
+        b = self.bias_mean
+        if noise is None or noise[0].shape != lead + self.W_mean.shape or (noise[1] is None) != (b is None):
+            W = self.W_mean
+            noise = (torch.randn(lead + W.shape, dtype=W.dtype, device=W.device),
+                     None if b is None else torch.randn(lead + b.shape, dtype=b.dtype, device=b.device))
+        self.drawn_weight_noise = noise
+        return noise
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
         sample_shape = torch.Size(sample_shape)
@@ -334,8 +348,8 @@ class ConvLayer(FoldedKLLayer):
             # one filter (and bias) draw per replica of the network: all but the minibatch dim
             lead = sample_shape + self.batch_shape[:-1]
             X = self.X.expand(sample_shape + self.X.shape)
-            eps = torch.randn(lead + self.W_mean.shape, dtype=X.dtype, device=X.device)
-            b = self._sample_bias(lead)
+            eps, eps_b = self._draw_noise(lead)
+            b = None if eps_b is None else torch.addcmul(self.bias_mean, eps_b, self.bias_scale)
             if self.estimator == "weight_space":
                 pre = self._replica_conv(X, torch.addcmul(self.W_mean, eps, self.W_scale), b)
             else:  # flipout

@@ -49,8 +49,8 @@ class EmbeddingLayer(FoldedKLLayer):
     :func:`torch.distributions.kl_divergence` between two layers follow :class:`HiddenLayer`;
     the KL is summed over the whole ``V x E`` table.
 
-    :param torch.Tensor input: ``*batch x T`` integer token ids in ``[0, V)``, one sequence per
-        row; the rightmost batch dimension is the minibatch.
+    :param torch.Tensor input: ``*batch x T`` integer token ids in ``[0, V)`` (any integer dtype,
+        taken as int64), one sequence per row; the rightmost batch dimension is the minibatch.
     :param torch.Tensor W_mean: ``V x E`` table means.
     :param torch.Tensor W_scale: ``V x E`` positive table standard deviations.
     :param float KL_factor: multiplier of the KL for the whole minibatch. Default 1.
@@ -87,6 +87,9 @@ class EmbeddingLayer(FoldedKLLayer):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
         if input.is_floating_point() or input.is_complex() or input.dtype == torch.bool:
             raise TypeError(f"input must be an integer tensor of token ids, got dtype {input.dtype}")
+        if input.dtype != torch.int64:
+            # a uint8 index tensor would be taken as a boolean mask by the lookups
+            input = input.long()
         check_float_tensors(W_mean=W_mean, W_scale=W_scale)
         if input.device != W_mean.device:
             raise ValueError(f"input is on {input.device} but W_mean is on {W_mean.device}: put them on one device")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from bnnpyro._checks import all_finite
-from bnnpyro.distributions import HiddenLayer
+from bnnpyro.distributions import ConvLayer, FoldedKLLayer, HiddenLayer
 
 _PARTICLE_PLATE = "_num_predictive_samples"
 _ESTIMATORS = ("auto", "local_reparameterization", "weight_space", None)
@@ -42,16 +42,18 @@ class _LayerSampling(Messenger):
     and at least ``128`` wide, weight-space sampling otherwise (deeper layers, whose inputs
     differ per sample, and narrow inputs).
 
-    A weight-space layer's ``S`` weight draws are made on the first chunk of rows and reused on
-    the others (``weight_noise``, by site), so each of the ``S`` networks is one network across
-    all inputs, as for the global sites (and the draws are made once, not once per chunk). Each
+    ``None`` keeps each layer's own estimator. A weight-space layer's ``S`` weight draws (a
+    :class:`~bnnpyro.distributions.ConvLayer`'s too, whose estimator is always its own) are made
+    on the first chunk of rows and reused on the others (``weight_noise``, by site), so each of
+    the ``S`` networks is one network across all inputs, as for the global sites (and the draws
+    are made once, not once per chunk). Each
     layer's ``S x rows x (H + 1)`` output storage is handed on from one chunk to the next
     (``output_storage``): a fresh tensor of that size costs its page faults on every chunk (a
     quarter of the pass for a 13-50-1 network); :meth:`release` drops storage that a tensor kept
     by the caller shares. Use one instance per pass over the inputs.
     """
 
-    def __init__(self, estimator: str) -> None:
+    def __init__(self, estimator: str | None) -> None:
         super().__init__()
         self.estimator = estimator
         self.weight_noise: dict[str, Tensor] = {}
@@ -65,34 +67,41 @@ class _LayerSampling(Messenger):
 
     def _pyro_sample(self, msg: dict) -> None:
         fn = msg["fn"]
-        if not isinstance(fn, HiddenLayer) or msg["is_observed"]:
+        if not isinstance(fn, (HiddenLayer, ConvLayer)) or msg["is_observed"]:
             return
-        if self.estimator == "auto":
-            shared = fn._X_distinct.shape[:-2].numel() == 1
-            weight_space = not (shared and fn.dim_X >= _MIN_LOCAL_REPARAMETERIZATION_WIDTH)
-        else:
-            weight_space = self.estimator == "weight_space"
-        estimator = "weight_space" if weight_space else "local_reparameterization"
         fn = fn.expand(fn.batch_shape)  # a copy: the guide's own layer is left as it is
-        fn.estimator = estimator
-        fn.weight_space_sampling = weight_space
-        fn.weight_noise = self.weight_noise.get(msg["name"]) if weight_space else None
-        fn.output_buffer = self.output_storage.pop(msg["name"], None)
+        if isinstance(fn, HiddenLayer):
+            if self.estimator == "auto":
+                shared = fn._X_distinct.shape[:-2].numel() == 1
+                local = shared and fn.dim_X >= _MIN_LOCAL_REPARAMETERIZATION_WIDTH
+                fn.estimator = "local_reparameterization" if local else "weight_space"
+            elif self.estimator is not None:
+                fn.estimator = self.estimator
+            fn.weight_space_sampling = fn.estimator == "weight_space"
+            fn.output_buffer = self.output_storage.pop(msg["name"], None)
+        fn.weight_noise = self.weight_noise.get(msg["name"]) if fn.estimator == "weight_space" else None
         msg["fn"] = fn
 
     def _pyro_post_sample(self, msg: dict) -> None:
         fn = msg["fn"]
-        if not isinstance(fn, HiddenLayer):
+        if not isinstance(fn, (HiddenLayer, ConvLayer)):
             return
-        if fn.weight_space_sampling and fn.drawn_weight_noise is not None:
+        if fn.estimator == "weight_space" and fn.drawn_weight_noise is not None:
             self.weight_noise.setdefault(msg["name"], fn.drawn_weight_noise)
-        if fn.drawn_output_storage is not None:
+        if isinstance(fn, HiddenLayer) and fn.drawn_output_storage is not None:
             self.output_storage[msg["name"]] = fn.drawn_output_storage
 
 
 def _is_global_latent(site: dict) -> bool:
-    """A latent sample site shared by all data points: not observed, in no plate but the particle plate."""
+    """A latent sample site shared by all data points: not observed, in no plate but the particle
+    plate, and not a layer's activations (a :class:`~bnnpyro.distributions.FoldedKLLayer`, e.g.
+    made an event with ``.to_event(1)`` outside any data plate: one value per row of ``x``)."""
     if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+        return False
+    fn = site["fn"]
+    while hasattr(fn, "base_dist"):  # Independent, masked, ...
+        fn = fn.base_dist
+    if isinstance(fn, FoldedKLLayer):
         return False
     return all(frame.name == _PARTICLE_PLATE for frame in site["cond_indep_stack"])
 
@@ -124,10 +133,12 @@ def sample_predictive(
     With ``chunk_size``, ``x`` is processed ``chunk_size`` rows at a time to bound memory. The
     *global* latent sites (weights, outside every data plate) are drawn once on the first chunk
     and replayed on the others, so all chunks see the same ``S`` networks. So do the
-    :class:`~bnnpyro.distributions.HiddenLayer` s that sample their weights (their ``S`` weight
-    draws are made on the first chunk and reused); those that sample pre-activations (local
-    reparameterization) draw them per row, independent across inputs in any case. Every input's
-    predictive distribution is exact either way. With Pyro's validation on, ``x`` is checked for
+    :class:`~bnnpyro.distributions.HiddenLayer` s and
+    :class:`~bnnpyro.distributions.ConvLayer` s that sample their weights (their ``S`` weight
+    draws are made on the first chunk and reused, with any ``estimator``); those that sample
+    pre-activations (local reparameterization) or per-row sign flips (flipout) draw them per row,
+    in any case. (A weight-space :class:`~bnnpyro.distributions.EmbeddingLayer` draws its tables at
+    the tokens of each chunk: per chunk.) Every input's predictive distribution is exact either way. With Pyro's validation on, ``x`` is checked for
     NaN and infinite values once, up front, and the distributions' argument checks run on the first
     pass only: the later passes run the same distributions, with the same parameters, on other
     rows of the checked ``x`` (skipping the checks over their ``S x rows`` arguments made a 13-50-1
@@ -149,7 +160,7 @@ def sample_predictive(
         ``"auto"`` (default) picks per layer the cheaper of local reparameterization and
         weight-space sampling, both exact per input (see :class:`_LayerSampling`);
         ``"local_reparameterization"`` or ``"weight_space"`` force one; ``None`` keeps each
-        layer's own setting.
+        layer's own setting. (:class:`~bnnpyro.distributions.ConvLayer` s keep theirs always.)
     :param bool vectorize: ``False`` runs ``S`` passes of one network each instead, for models whose
         layers cannot take a stack of weight draws (e.g. a :func:`bnnpyro.nn.to_bayesian` CNN, whose
         ``F.conv2d`` and pooling expect 4-D inputs); same distribution, a Python loop over samples.
@@ -215,9 +226,8 @@ def _predictive_pass(
     how the guide's ``HiddenLayer`` s sample (:class:`_LayerSampling`; ``None``: as they are).
     Returns ``(f, {site: value})``.
     """
-    sampling = None if estimator is None else _LayerSampling(estimator)
-    if sampling is not None:
-        guide = sampling(guide)  # one per pass: its weight draws are this pass's
+    sampling = _LayerSampling(estimator)
+    guide = sampling(guide)  # one per pass: its weight draws are this pass's
 
     def wrap(fn: Callable) -> Callable:
         return fn if plate is None else plate(fn)
@@ -260,12 +270,11 @@ def _predictive_pass(
                 f"the model must return the network output f as B x W (rows at dim -2): got shape "
                 f"{tuple(f.shape)} for {len(chunk)} rows of x; for one output return f.unsqueeze(-1)"
             )
-        if sampling is not None:
-            for value in (*kept, f):  # kept beyond this chunk: its storage is not handed on
-                sampling.release(value)
+        for value in (*kept, f):  # kept beyond this chunk: its storage is not handed on
+            sampling.release(value)
         outputs.append(f)
         if grow_to is not None and start < len(x):
-            if sampling is not None and sampling.output_storage:
+            if sampling.output_storage:
                 widest = max(s.numel() for s in sampling.output_storage.values()) // len(chunk)
                 grow_to = max(grow_to, _AUTO_CHUNK_ACTIVATION_ELEMENTS // widest)
             passes = -(-(len(x) - start) // grow_to)  # the rest in equal chunks: one storage serves all
