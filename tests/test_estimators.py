@@ -26,7 +26,7 @@ from torch.distributions import kl_divergence
 
 from bnnpyro.infer import AnalyticAutoNormal
 from bnnpyro.nn import (ESTIMATORS, BayesianMLP, Flipout, LocalReparameterization, WeightSpace,
-                        estimator)
+                        estimator, to_bayesian)
 
 HANDLERS = [WeightSpace, LocalReparameterization, Flipout]
 PRIOR_SCALE = 0.5
@@ -293,3 +293,62 @@ def test_estimator_factory():
     assert [type(estimator(name)) for name in ESTIMATORS] == [WeightSpace, LocalReparameterization, Flipout]
     with pytest.raises(ValueError, match="estimator must be one of"):
         estimator("reparameterization")
+
+
+class _Twice(nn.Module):
+    """``y = W (W x)``: one weight used by two calls."""
+
+    def __init__(self, features: int = 1) -> None:
+        super().__init__()
+        self.lin = nn.Linear(features, features, bias=False)
+
+    def forward(self, x):
+        return self.lin(self.lin(x))
+
+
+def test_flipout_keeps_each_examples_weight_across_calls():
+    """A weight draw used twice keeps its signs: example n's output is W_n (W_n x_n) with one
+    W_n = mu + dW * (s_out_n s_in_n^T), so with mu = 0, sigma = 1 (q(W) = N(0, 1), 1 x 1) every
+    example gives dW^2 x, the weight-space value. With fresh signs per call it was
+    s_n s'_n dW^2 x, of mean 0 instead of E[W^2] x = 1."""
+    bnn = to_bayesian(_Twice())
+    x = torch.ones(64, 1)
+    guide = AutoNormal(bnn, init_scale=1.0)
+    guide(x)
+    with torch.no_grad():
+        guide.locs.lin.weight.zero_()
+        for _ in range(5):
+            with Flipout():
+                tr = poutine.trace(guide).get_trace(x)
+                y = poutine.replay(bnn, trace=tr)(x)
+            w = tr.nodes["lin.weight"]["value"]
+            torch.testing.assert_close(y, (w**2).expand(64, 1))
+    # different example dims in the second call: refused, by name
+    class Reshaped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2, bias=False)
+
+        def forward(self, x):
+            return self.lin(self.lin(x)[:3])
+
+    pyro.clear_param_store()
+    bnn = to_bayesian(Reshaped())
+    guide = AutoNormal(bnn)
+    x = torch.randn(6, 2)
+    guide(x)
+    with pytest.raises(ValueError, match="Flipout: one weight draw of shape \\(2, 2\\) is used by a second"):
+        with Flipout():
+            poutine.replay(bnn, trace=poutine.trace(guide).get_trace(x))(x)
+
+
+def test_local_reparameterization_refuses_a_weight_used_twice():
+    """Independent pre-activation noise per call is another model than one shared draw: refused,
+    pointing to Flipout."""
+    bnn = to_bayesian(_Twice(3))
+    guide = AutoNormal(bnn)
+    x = torch.randn(4, 3)
+    guide(x)
+    with pytest.raises(ValueError, match="LocalReparameterization: one weight draw .* Use Flipout"):
+        with LocalReparameterization():
+            poutine.replay(bnn, trace=poutine.trace(guide).get_trace(x))(x)

@@ -356,3 +356,14 @@ def test_a_float64_module_draws_float64_weights(prior):
     assert set(values) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert all(v.dtype == torch.float64 for v in values.values())
     assert all(p.dtype == torch.float64 for p in net_b.buffers() if p.is_floating_point())
+
+
+def test_normal_prior_with_integer_tensors_is_floating_point():
+    """An integer loc or scale tensor (torch.tensor(0)) is a number, as a Python int is: the prior is
+    in the default float dtype (it kept int64: a scale of 0, a ZeroDivisionError in log_prob)."""
+    p = NormalPrior((2, 3), loc=torch.tensor(0), scale=0.5)
+    q = NormalPrior((2, 3), loc=torch.zeros((), dtype=torch.float64), scale=torch.tensor(2))
+    assert p.loc.dtype == p.scale.dtype == torch.float32 and q.loc.dtype == q.scale.dtype == torch.float64
+    w = torch.randn(2, 3)
+    torch.testing.assert_close(p().log_prob(w), torch.distributions.Normal(0.0, 0.5).log_prob(w).sum())
+    assert q.scale.eq(2).all()

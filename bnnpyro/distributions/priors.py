@@ -146,8 +146,10 @@ class ParameterPrior(PyroModule):
 
 
 def _prior_tensor(name: str, value: float | Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
-    """``value`` as a detached tensor (copied) that broadcasts to ``shape``."""
-    value = torch.as_tensor(value, dtype=value.dtype if isinstance(value, Tensor) else dtype).detach().clone()
+    """``value`` as a detached floating-point tensor (copied) that broadcasts to ``shape``: a
+    floating-point tensor keeps its dtype, numbers and integer tensors take ``dtype``."""
+    keep = isinstance(value, Tensor) and value.is_floating_point()
+    value = torch.as_tensor(value, dtype=value.dtype if keep else dtype).detach().clone()
     try:
         if torch.broadcast_shapes(value.shape, shape) != shape:
             raise RuntimeError

@@ -40,6 +40,11 @@ usual approximation of Kingma et al. (2015) and Molchanov et al. (2017), not the
 ELBO. The weight draw itself is still
 used by the ELBO's ``log q(w) - log p(w)`` term (or replaced by the analytic KL).
 
+A weight draw used by several calls in one forward pass (a module applied twice, a cell in a loop
+over time steps) is one draw for all of them under weight-space sampling. :class:`Flipout` keeps
+each example's signs across the calls, so it stays exact; :class:`LocalReparameterization`, whose
+noise is per call, raises ``ValueError`` rather than train another model.
+
 References:
     Kingma, D. P., Salimans, T., Welling, M. (2015). Variational dropout and the local
     reparameterization trick. NeurIPS.
@@ -132,6 +137,8 @@ class _Estimator(Messenger):
     def __init__(self) -> None:
         super().__init__()
         self._records: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        # weight draws already used by an intercepted op -> what the estimator keeps for a reuse
+        self._uses: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._mode: Optional[_InterceptMode] = None
 
     def __enter__(self):
@@ -175,6 +182,15 @@ class WeightSpace(Messenger):
     a handler that does nothing, for symmetry with :class:`LocalReparameterization` and :class:`Flipout`."""
 
 
+def _reuse_error(name: str, weight: Tensor, why: str) -> ValueError:
+    return ValueError(
+        f"{name}: one weight draw of shape {tuple(weight.shape)} is used by a second linear/conv call "
+        f"(a module applied twice, or in a loop over time steps) {why}. Use "
+        + ("Flipout, which keeps each example's weights across calls, or " if name != "Flipout" else "")
+        + "weight-space sampling (no handler) for this model."
+    )
+
+
 class LocalReparameterization(_Estimator):
     r"""
     The local reparameterization trick (Kingma et al., 2015) as a Pyro effect handler.
@@ -199,9 +215,17 @@ class LocalReparameterization(_Estimator):
     Usage: ``with LocalReparameterization(): svi.step(x, y)``, or one instance wrapping model
     and guide, ``lr = LocalReparameterization(); SVI(lr(model), lr(guide), optim, elbo)``;
     see :mod:`bnnpyro.nn.estimators` for what is recorded and what falls back.
+
+    A weight draw used by a second call (a module applied twice, an RNN cell in a loop) raises
+    ``ValueError``: independent noise per call would be another model than one weight draw shared
+    by the calls (for ``W (W x)`` with ``W ~ N(0, 1)`` the mean output 0 instead of 1).
     """
 
     def _sample(self, op, spatial, x, weight, bias, record, bias_record) -> Tensor:
+        if weight in self._uses:
+            raise _reuse_error("LocalReparameterization", weight,
+                               "in one draw: its outputs would get independent noise per call")
+        self._uses[weight] = True
         loc, scale = record
         if bias_record is not None:
             mean = op(x, loc, bias_record[0])
@@ -237,16 +261,29 @@ class Flipout(_Estimator):
     The bias (sampled or not) is added as it is, shared by the mini-batch. Costs two ops instead
     of one.
 
+    A weight draw used by several calls (a module applied twice, an RNN cell in a loop over time
+    steps) keeps its signs: example :math:`n` of every call sees the same weight
+    :math:`\mu_W + \Delta W \odot s^{\text{out}}_n {s^{\text{in}}_n}^\top`, as all calls share
+    :math:`W` under weight-space sampling. The calls must then have the same example dims
+    (``ValueError`` otherwise).
+
     Usage as :class:`LocalReparameterization`.
     """
 
     def _sample(self, op, spatial, x, weight, bias, record, bias_record) -> Tensor:
         loc = record[0]
         sign_shape = x.shape[: x.dim() - spatial] + (1,) * spatial
-        s_in = random_signs(sign_shape, x)
+        s_in, s_out = self._uses.get(weight, (None, None))
+        if s_in is None:
+            s_in = random_signs(sign_shape, x)
+        elif s_in.shape != sign_shape:
+            raise _reuse_error("Flipout", weight, f"with inputs of shape {tuple(x.shape)}, whose example dims differ "
+                               f"from the first call's (signs {tuple(s_in.shape)}): its examples cannot keep their weights")
         mean = op(x, loc, bias)
         perturbation = op(x * s_in, weight - loc, None)
-        s_out = random_signs(perturbation.shape[: perturbation.dim() - spatial] + (1,) * spatial, x)
+        if s_out is None:
+            s_out = random_signs(perturbation.shape[: perturbation.dim() - spatial] + (1,) * spatial, x)
+        self._uses[weight] = (s_in, s_out)
         return mean + perturbation * s_out
 
 
