@@ -341,6 +341,9 @@ def test_auroc_matches_sklearn_with_ties():
     labels = [0] * 300 + [1] * 200
     expected = roc_auc_score(labels, torch.cat([score_in, score_out]).numpy())
     close(auroc(score_in, score_out), expected, atol=1e-6)
+    # float64 scores get a float64 result: 1/3 of the pairs, not its float32 rounding
+    a = auroc(torch.tensor([0.0, 0.0, 2.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64))
+    assert a.dtype == torch.float64 and a.item() == 2 / 3
 
 
 # -- dtype, device and errors ----------------------------------------------------------

@@ -112,5 +112,7 @@ def test_plot_errors():
         plot_predictive_band(torch.zeros(30, 2), y, y, y - 1, y + 1)
     with pytest.raises(ValueError, match="lower must not exceed upper"):
         plot_predicted_vs_true(y, y, y + 1, y - 1)
+    with pytest.raises(ValueError, match=r"mean must have the shape of y_true \(30,\), got shape \(29,\)"):
+        plot_predicted_vs_true(y, y[1:], y - 1, y + 1)
     with pytest.raises(ValueError, match="lower must not exceed upper"):
         plot_predictive_band(x, y, y, y + 1, y - 1)

@@ -211,6 +211,12 @@ def test_bad_arguments():
         sample_predictive(m.model, m.guide, torch.randn(3, 2), 2, chunk_size=0)
     with pytest.raises(ValueError, match="return_sites"):
         sample_predictive(m.model, m.guide, torch.randn(3, 2), 2, return_sites=["nope"])
+    with pytest.raises(ValueError, match="return_sites: 'nope'"):  # one name, not its letters
+        sample_predictive(m.model, m.guide, torch.randn(3, 2), 2, return_sites="nope")
+    # a numpy integer is an int
+    import numpy as np
+
+    assert sample_predictive(m.model, m.guide, torch.randn(3, 2), np.int64(2))["f"].shape == (2, 3, 1)
 
 
 @pytest.mark.parametrize("vectorize", [True, False])

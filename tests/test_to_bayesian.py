@@ -367,3 +367,22 @@ def test_normal_prior_with_integer_tensors_is_floating_point():
     w = torch.randn(2, 3)
     torch.testing.assert_close(p().log_prob(w), torch.distributions.Normal(0.0, 0.5).log_prob(w).sum())
     assert q.scale.eq(2).all()
+
+
+@pytest.mark.parametrize("exclude", ["a", "b", "b.weight"])
+def test_exclude_matches_any_path_of_a_shared_module(exclude):
+    """One nn.Linear at paths a and b is one layer (one set of sites): excluded by a pattern on
+    either path (only the first path used to count: exclude="b" did nothing)."""
+    lin = nn.Linear(2, 2)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = lin, lin
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    tr = poutine.trace(to_bayesian(Shared(), exclude=exclude)).get_trace(torch.randn(3, 2))
+    sites = [site["name"].rsplit(".", 1)[-1] for site in tr.nodes.values() if site["type"] == "sample"]
+    assert sites == (["bias"] if exclude == "b.weight" else [])

@@ -91,16 +91,22 @@ def _bayesian_layer(layer: nn.Module, path: str) -> Optional[PyroModule]:
 
 
 class _Converter:
-    def __init__(self, prior: PriorChoice, exclude: tuple[str, ...], pretrained_scale: float,
+    def __init__(self, root: nn.Module, prior: PriorChoice, exclude: tuple[str, ...], pretrained_scale: float,
                  learn_prior_scale: bool) -> None:
+        # every path of every module: a module used at several paths is excluded if any of them is
+        self.paths: dict[int, list[str]] = {}
+        for path, module in root.named_modules(remove_duplicate=False):
+            self.paths.setdefault(id(module), []).append(path)
         self.prior = prior
         self.exclude = exclude
         self.pretrained_scale = pretrained_scale
         self.learn_prior_scale = learn_prior_scale
         self.converted: dict[int, PyroModule] = {}  # a module used at several paths is converted once
 
-    def excluded(self, path: str) -> bool:
-        return any(fnmatchcase(path, pattern) for pattern in self.exclude)
+    def excluded(self, paths: list[str], name: str = "") -> bool:
+        """Whether ``exclude`` matches one of ``paths`` (a module's), or ``name`` under one of them."""
+        names = [_join(path, name) if name else path for path in paths]
+        return any(fnmatchcase(full, pattern) for full in names for pattern in self.exclude)
 
     def module(self, module: nn.Module, path: str) -> PyroModule:
         """``module`` (already copied) as a PyroModule, its layers Bayesian unless excluded."""
@@ -110,24 +116,25 @@ class _Converter:
         return self.converted[key]
 
     def _convert(self, module: nn.Module, path: str) -> PyroModule:
-        if self.excluded(path):
+        paths = self.paths.get(id(module), [path])
+        if self.excluded(paths):
             to_pyro_module_(module)
             return module
         params = {name: p.detach().clone() for name, p in module.named_parameters(recurse=False)}
         layer = _bayesian_layer(module, path)
         if layer is not None:
-            return self.layer(layer, path, params)
+            return self.layer(layer, path, paths, params)
         to_pyro_module_(module, recurse=False)
         for name, child in list(module._modules.items()):
             if child is not None:
                 setattr(module, name, self.module(child, _join(path, name)))
         return module
 
-    def layer(self, layer: PyroModule, path: str, params: dict[str, Tensor]) -> PyroModule:
+    def layer(self, layer: PyroModule, path: str, paths: list[str], params: dict[str, Tensor]) -> PyroModule:
         priors = {}
         for name, value in params.items():
             full = _join(path, name)
-            if self.excluded(full):
+            if self.excluded(paths, name):
                 setattr(layer, name, nn.Parameter(value))
                 continue
             # in the parameter's dtype and on its device (a Prior or the fan_in rule builds its tensors
@@ -222,7 +229,8 @@ def to_bayesian(
     :param estimator: recorded for :func:`estimator_for`.
     :param exclude: names (``fnmatch`` patterns) of modules or parameters to keep deterministic,
         e.g. ``"bn*"``, ``"features.*"``, ``"head.bias"``; a module's match covers all its
-        parameters and submodules.
+        parameters and submodules, and a module used at several paths is excluded if one of
+        them matches.
     :param pretrained_scale: initial (or, with ``learn_prior_scale=False``, fixed) :math:`s` of the
         ``"pretrained"`` prior.
     :param learn_prior_scale: learn the ``"pretrained"`` prior's scale (default) or keep it fixed.
@@ -256,8 +264,8 @@ def to_bayesian(
     unmatched = [pattern for pattern in exclude if not any(fnmatchcase(n, pattern) for n in names)]
     if unmatched:
         raise ValueError(f"exclude patterns {unmatched} match no module or parameter name of the module")
-    bnn = _Converter(prior, exclude, float(pretrained_scale), bool(learn_prior_scale)).module(
-        copy.deepcopy(module), "")
+    root = copy.deepcopy(module)
+    bnn = _Converter(root, prior, exclude, float(pretrained_scale), bool(learn_prior_scale)).module(root, "")
     bnn.estimator = estimator
     # its point-estimated parameters get param-store names of this model's own (sample sites keep theirs)
     return unique_param_names_(bnn, new_param_prefix(type(module).__name__))

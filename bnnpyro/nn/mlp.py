@@ -152,8 +152,8 @@ class BayesianMLP(UniqueParamNames, PyroModule):
 
     def _check_inputs(self, x: Tensor, y: Optional[Tensor]) -> None:
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 2 or x.shape[1] != self.in_features:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must be a float tensor of shape B x {self.in_features}, got {shape}")
+            got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be a float tensor of shape B x {self.in_features}, got {got}")
         check_like("x", x, next(self.layers[0].buffers()), owner="the model's prior buffers")
         batch = x.shape[0]
         if batch == 0:

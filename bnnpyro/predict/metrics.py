@@ -405,4 +405,5 @@ def auroc(score_in: Tensor, score_out: Tensor) -> Tensor:
     below = torch.searchsorted(ordered, score_out, right=False)  # in-scores < each out-score
     below_or_tied = torch.searchsorted(ordered, score_out, right=True)
     twice_u = (below + below_or_tied).sum()
-    return (twice_u / (2 * score_in.numel() * score_out.numel())).to(dtype)
+    # in float64: the counts reach 2^24 (float32's integer precision) at about 3,000 x 3,000 scores
+    return (twice_u.double() / (2 * score_in.numel() * score_out.numel())).to(dtype)

@@ -118,6 +118,10 @@ def plot_predicted_vs_true(
     :param upper: ``N`` upper interval ends.
     :param ax: axes to draw on; a new figure when ``None``.
     """
+    # checked here, by this function's argument names (picp and rmse name theirs)
+    _check_tensor(y_true, "y_true", (1,), "N", floating=False)
+    for name, t in (("mean", mean), ("lower", lower), ("upper", upper)):
+        _check_same_shape(t, name, y_true, "y_true")
     coverage = picp(lower, upper, y_true)
     error = rmse(mean, y_true)
 

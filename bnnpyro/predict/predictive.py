@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Callable, Sequence
 
 import pyro
@@ -146,7 +147,8 @@ def sample_predictive(
 
     :param x: ``N x D`` inputs.
     :param int num_samples: ``S``.
-    :param return_sites: names of global latent sites whose ``S x ...`` samples to return too.
+    :param return_sites: names of global latent sites whose ``S x ...`` samples to return too
+        (or one name).
     :param chunk_size: rows per pass; ``None``: all of ``x`` in one pass. ``"auto"`` (default):
         one pass if ``x`` has at most ``max(1, 65536 // S)`` rows; otherwise a first pass of 16 rows
         finds the widths of the :class:`~bnnpyro.distributions.HiddenLayer` outputs, and the other
@@ -170,8 +172,11 @@ def sample_predictive(
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if x.dim() == 0 or len(x) == 0:
         raise ValueError(f"x must have at least one row (its first dim), got shape {tuple(x.shape)}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    num_samples = int(num_samples)  # numpy integers too
+    if isinstance(return_sites, str):
+        return_sites = (return_sites,)
     grow_to = None
     if chunk_size == "auto":
         chunk_size = max(1, _AUTO_CHUNK_ELEMENTS // num_samples)
