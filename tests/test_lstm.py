@@ -338,3 +338,28 @@ def test_embedding_trains_with_trace_elbo():
         svi.step()
     # posterior mean ~ 0.99 * target, posterior sd ~ 0.1; SVI noise on top
     torch.testing.assert_close(guide.median()["weight"], target, atol=0.25, rtol=0.0)
+
+
+@pytest.mark.parametrize("features", [D - 1, D + 4])
+def test_input_features_and_dtype_are_checked_as_nn_lstm(features):
+    """An input of the wrong width raises as nn.LSTM does (the fused CPU kernel ran on it, reading
+    past a narrower input: NaN or varying outputs), for padded and packed input and BayesianLSTM;
+    a float64 input to float32 weights names both dtypes; an hx of the wrong rank names the input's."""
+    lstm = nn.LSTM(D, H, batch_first=True)
+    kwargs = dict(num_layers=1, bias=True, batch_first=True, dropout=0.0, training=False, bidirectional=False)
+    x = torch.randn(B, T, features)
+    message = f"input.size\\(-1\\) must be equal to input_size. Expected {D}, got {features}"
+    with pytest.raises(RuntimeError, match=message):
+        lstm(x)  # the reference
+    with pytest.raises(RuntimeError, match=message):
+        lstm_forward(x, None, list(lstm.parameters()), **kwargs)
+    packed = pack_padded_sequence(x, torch.full((B,), T), batch_first=True)
+    with pytest.raises(RuntimeError, match=message):
+        lstm_forward(packed, None, list(lstm.parameters()), **kwargs)
+    with pytest.raises(RuntimeError, match=message):
+        BayesianLSTM(D, H, batch_first=True)(x)
+    with pytest.raises(ValueError, match="input dtype \\(torch.float64\\) does not match weight dtype \\(torch.float32\\)"):
+        lstm_forward(torch.randn(B, T, D, dtype=torch.float64), None, list(lstm.parameters()), **kwargs)
+    h0 = torch.zeros(B, H)
+    with pytest.raises(RuntimeError, match="For batched 3-D input, hx and cx should also be 3-D"):
+        lstm_forward(torch.randn(B, T, D), (h0, h0), list(lstm.parameters()), **kwargs)

@@ -287,3 +287,17 @@ def test_flipout_model_perturbs_around_loc_by_the_guides_draw(monkeypatch):
     weights = {n: s["value"] for n, s in tr.nodes.items() if n.startswith(("lstm.", "embedding."))}
     expected = m.encoder.lstm.to_lstm(weights)(F.embedding(x, weights["embedding.weight"]))[0][:, -1]
     torch.testing.assert_close(tr.nodes["logits"]["fn"].X[:, :-1], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_signs_of_the_wrong_batch_or_width_are_refused():
+    """Signs drawn for one sequence broadcast over the batch would give every sequence one
+    perturbation (no longer flipout): refused by index and shape, as are the wrong widths and input."""
+    template = nn.LSTM(D, H)
+    means = _flat(template)
+    deltas = [torch.zeros_like(w) for w in means]
+    kwargs = dict(num_layers=1, bias=True, batch_first=False, bidirectional=False)
+    x = torch.randn(T, B, D)
+    with pytest.raises(ValueError, match=rf"signs\[0\] must be B x in and B x out = \({B}, {D}\) and \({B}, {4 * H}\)"):
+        lstm_flipout_forward(x, None, means, deltas, flipout_signs(1, means, bias=True), **kwargs)
+    with pytest.raises(RuntimeError, match=f"Expected {D}, got {D + 1}"):
+        lstm_flipout_forward(torch.randn(T, B, D + 1), None, means, deltas, **kwargs)

@@ -63,6 +63,16 @@ def _check_weight_dim(flat_weights: list[Tensor], i: int, dim: int) -> None:
         )
 
 
+def _check_input(x: Tensor, weight_ih: Tensor) -> None:
+    """The input's features and dtype must be the first layer's (``weight_ih_l0``: ``4H x D``), as
+    ``nn.LSTM`` checks: on CPU the fused kernel does not, and read past a too-narrow input."""
+    if x.size(-1) != weight_ih.shape[1]:
+        raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {weight_ih.shape[1]}, "
+                           f"got {x.size(-1)}")
+    if x.dtype != weight_ih.dtype and not torch._C._is_any_autocast_enabled():  # as nn.LSTM
+        raise ValueError(f"input dtype ({x.dtype}) does not match weight dtype ({weight_ih.dtype})")
+
+
 def lstm_forward(
     input: Union[Tensor, PackedSequence],
     hx: Optional[LSTMState],
@@ -105,6 +115,7 @@ def lstm_forward(
 
     if isinstance(input, PackedSequence):
         data, batch_sizes, sorted_indices, unsorted_indices = input
+        _check_input(data, flat_weights[0])
         batch = int(batch_sizes[0])
         if hx is None:
             hx = (
@@ -122,6 +133,7 @@ def lstm_forward(
 
     if input.dim() not in (2, 3):
         raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+    _check_input(input, flat_weights[0])
     is_batched = input.dim() == 3
     batch_dim = 0 if batch_first else 1
     if not is_batched:
@@ -136,7 +148,7 @@ def lstm_forward(
         expected_dim = 3 if is_batched else 2
         if hx[0].dim() != expected_dim or hx[1].dim() != expected_dim:
             raise RuntimeError(
-                f"For {expected_dim + 1}-D input, hx and cx should be {expected_dim}-D "
+                f"For {'batched 3-D' if is_batched else 'unbatched 2-D'} input, hx and cx should also be {expected_dim}-D "
                 f"but got ({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
             )
         if not is_batched:
@@ -261,12 +273,19 @@ def lstm_flipout_forward(
     hidden_size = mean_weights[1].shape[0] // 4
     if mean_weights[1].shape[1] != hidden_size:
         raise ValueError("lstm_flipout_forward does not support projections (proj_size)")
+    _check_input(input, mean_weights[0])
     x = input.transpose(0, 1) if batch_first else input
     batch = x.size(1)
     if signs is None:
         signs = flipout_signs(batch, mean_weights, bias)
     if len(signs) != 2 * num_layers * num_directions:
         raise ValueError(f"expected {2 * num_layers * num_directions} (s_in, s_out) pairs, got {len(signs)}")
+    matrices = [w for i, w in enumerate(mean_weights) if i % per_layer < 2]
+    for i, ((s_in, s_out), w) in enumerate(zip(signs, matrices)):
+        if tuple(s_in.shape) != (batch, w.shape[1]) or tuple(s_out.shape) != (batch, w.shape[0]):
+            # broadcast signs (e.g. drawn for one sequence) would give every sequence one perturbation
+            raise ValueError(f"signs[{i}] must be B x in and B x out = {(batch, w.shape[1])} and "
+                             f"{(batch, w.shape[0])}, got {tuple(s_in.shape)} and {tuple(s_out.shape)}")
     state_dims = num_layers * num_directions
     if hx is None:
         zeros = x.new_zeros(state_dims, batch, hidden_size)
