@@ -9,6 +9,7 @@ target's original units.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Callable
@@ -45,6 +46,17 @@ def _level(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    """An argparse ``type`` for a seed numpy accepts (``pyro.set_rng_seed`` seeds numpy too)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bnnpyro",
@@ -74,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prior-scale", type=_positive(float), default=1.0, help="std of the Normal weight prior")
     parser.add_argument("--num-samples", type=_positive(int), default=500, help="posterior predictive samples")
     parser.add_argument("--level", type=_level, default=0.95, help="credible interval level")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--seed", type=_seed, default=0, help="random seed, in [0, 2**32)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--plot", default="bnnpyro_predictions.png",
                         help="where to write the predicted-vs-true plot ('' to skip)")
@@ -130,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.empty(0, device=dev)  # an unavailable device fails here, not after loading the data
     except (FileNotFoundError, ValueError, RuntimeError, AssertionError) as e:  # bad --data, --split, --device
         parser.error(f"{e}" if str(e) else f"device {args.device!r} is not available")
+    plot_dir = os.path.dirname(args.plot)
+    if args.plot and plot_dir and not os.path.isdir(plot_dir):  # found now, not after training
+        parser.error(f"--plot: folder {plot_dir!r} does not exist")
     x_train, y_train = d.x_train.to(dev), d.y_train.to(dev)
     x_test, y_test = d.x_test.to(dev), d.y_test.to(dev)
     N = len(x_train)
@@ -149,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trained in {train_time:.1f} s")
     print(f"test RMSE            {metrics['rmse']:.4f}")
     print(f"test log-likelihood  {metrics['log_likelihood']:.4f}")
-    print(f"{100 * args.level:.0f}% coverage         {metrics['coverage']:.4f}")
+    print(f"{100 * args.level:g}% coverage         {metrics['coverage']:.4f}")
     print(f"mean interval width  {metrics['interval_width']:.4f}")
     if args.plot:
         lower, upper = gaussian_mixture_interval(mean_samples, noise, args.level)
@@ -158,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             d.y_to_original(lower).cpu(), d.y_to_original(upper).cpu(),
         )
         ax.set_title(f"{d.name} split {d.split}: RMSE {metrics['rmse']:.2f}, "
-                     f"{100 * args.level:.0f}% coverage {metrics['coverage']:.2f}")
+                     f"{100 * args.level:g}% coverage {metrics['coverage']:.2f}")
         ax.figure.savefig(args.plot, dpi=120, bbox_inches="tight")
         plt.close(ax.figure)
         print(f"wrote {args.plot}")

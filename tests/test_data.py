@@ -197,7 +197,15 @@ def test_toy_regression_rejects_bad_arguments(kwargs, match):
     ({"test_fraction": 1.5}, "test_fraction"),
     ({"test_fraction": 0.0}, "test_fraction"),
     ({"name": "two_moons", "n": 0}, "n must be a positive int"),
+    # round(0.01 * 10) = 0 test points per class
+    ({"name": "two_moons", "n": 20, "test_fraction": 0.01}, "leaves the test split empty"),
 ])
 def test_load_classification_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         load_classification(**kwargs)
+
+
+@pytest.mark.parametrize("make", [make_moons, make_spirals])
+def test_generators_reject_no_points(make):
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        make(0)

@@ -252,3 +252,28 @@ def test_fit_distributed_checkpoint_needs_model():
     x, y = _data()
     with pytest.raises(ValueError, match="checkpoint_model"):
         fit_distributed(m.model, m.guide, (x.float(), y.float()), epochs=1, checkpoint="unused.pt")
+
+
+def test_fit_distributed_checkpoint_keeps_an_autoguides_parameters(tmp_path):
+    """With an autoguide the checkpoint holds the guide too (it held the model only: an autoguide's
+    trained parameters were lost); one process, no process group (rank 0 of 1)."""
+    from bnnpyro.infer import AnalyticAutoNormal
+    from bnnpyro.nn import BayesianMLP
+    from bnnpyro.serialization import make_unique
+
+    x, y = _data()
+    pyro.clear_param_store()
+    net = BayesianMLP(D, 1, hidden=(H,), dataset_size=N)
+    guide = make_unique(AnalyticAutoNormal(net))
+    fit_distributed(net, guide, (x.float(), y.float()), epochs=2, batch_size=N, progress=False,
+                    checkpoint=tmp_path / "ck.pt", checkpoint_model=net)
+    _, loaded = bnnpyro.load(tmp_path / "ck.pt")
+    x0 = x.float()
+    loaded(x0)  # materialises its parameters
+    want, got = guide.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and want
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    with pytest.raises(TypeError, match="cannot save a PyroModule guide"):
+        fit_distributed(net, pyro.nn.PyroModule(), (x.float(), y.float()), epochs=1, progress=False,
+                        checkpoint=tmp_path / "x.pt", checkpoint_model=net)

@@ -327,6 +327,19 @@ def test_validation_without_patience_only_records():
     assert not torch.equal(pyro.param("loc").detach(), seen[1])
 
 
+def test_a_first_infinite_validation_is_the_best_so_far():
+    """An infinite first value is the best so far (inf < inf is false: it stopped with patience=1
+    after epoch 0 with best_epoch None, restoring nothing); later finite values improve on it."""
+    x, y = _regression_data()
+    model, guide = make_regression(N)
+    validation_fn, seen = _scripted_validation([float("inf"), float("inf"), 3.0])
+    history = fit(model, guide, (x, y), 3, validation_fn=validation_fn, patience=1, progress=False)
+    assert history.best_epoch == 0 and history.stopped_early and len(history.loss) == 2
+    validation_fn, seen = _scripted_validation([float("inf"), 3.0, 4.0])
+    history = fit(model, guide, (x, y), 3, validation_fn=validation_fn, patience=2, progress=False)
+    assert history.best_epoch == 1 and not history.stopped_early
+
+
 def test_a_nan_validation_warns_and_never_improves():
     x, y = _regression_data()
     model, guide = make_regression(N)
@@ -386,6 +399,32 @@ def test_lr_scheduler_steps_once_per_epoch_not_per_batch():
     fit(m.model, m.guide, (x, x.sum(-1)), epochs=3, batch_size=5, optim=optim, seed=0, progress=False)
     lrs = [group["lr"] for sched in optim.optim_objs.values() for group in sched.optimizer.param_groups]
     assert lrs and lrs == pytest.approx([1e-3 * 0.5**3] * len(lrs))
+
+
+@pytest.mark.parametrize("values, factor", [([3.0, 2.0, 1.0], 1.0), ([1.0, 1.0, 1.0], 0.25)])
+def test_reduce_lr_on_plateau_steps_with_the_validation_value(values, factor):
+    """ReduceLROnPlateau(patience=0, factor=0.5) is stepped with the epoch's validation value: a
+    decreasing one keeps lr, a flat one halves it after epochs 1 and 2 (it was stepped without a
+    metric: TypeError after the first epoch); without validation_fn, with the epoch's loss."""
+    from bnnpyro.models import BayesianMLPRegressor
+
+    x = torch.randn(10, 2)
+    m = BayesianMLPRegressor(2, hidden=(3,), dataset_size=10)
+
+    def optim():
+        return pyro.optim.ReduceLROnPlateau({"optimizer": torch.optim.SGD, "optim_args": {"lr": 1e-3},
+                                             "patience": 0, "factor": 0.5})
+
+    def lrs(o):
+        return [group["lr"] for sched in o.optim_objs.values() for group in sched.optimizer.param_groups]
+
+    o = optim()
+    fit(m.model, m.guide, (x, x.sum(-1)), epochs=3, optim=o, seed=0, progress=False,
+        validation_fn=lambda epoch: values[epoch])
+    assert lrs(o) and lrs(o) == pytest.approx([1e-3 * factor] * len(lrs(o)))
+    o = optim()
+    fit(m.model, m.guide, (x, x.sum(-1)), epochs=3, optim=o, seed=0, progress=False)
+    assert lrs(o) and all(any(lr == pytest.approx(v) for v in (1e-3, 5e-4, 2.5e-4)) for lr in lrs(o))
 
 
 def test_dataloader_n_is_the_dataset_length_with_drop_last(monkeypatch):

@@ -47,6 +47,9 @@ def test_help_documents_the_options():
     (["--level", "1.5"], r"argument --level: must be in \(0, 1\), got 1.5"),
     (["--lr", "abc"], "argument --lr: expected a float, got 'abc'"),
     (["--hidden", "50", "0"], "argument --hidden: must be positive, got 0"),
+    (["--seed", "-1"], r"argument --seed: must be in \[0, 2\*\*32\), got -1"),  # numpy's seed range
+    (["--seed", str(2**32)], r"argument --seed: must be in \[0, 2\*\*32\)"),
+    (["--data", "yacht", "--plot", "no/such/folder/p.png"], "--plot: folder 'no/such/folder' does not exist"),
 ])
 def test_bad_arguments_exit_with_a_usage_error(args, message, capsys):
     """A bad option ends with argparse's usage error (exit status 2) naming it, not a traceback."""

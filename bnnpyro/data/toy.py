@@ -78,7 +78,11 @@ def make_moons(n: int = 1000, noise: float = 0.1, seed: int = 0) -> tuple[np.nda
     Returns:
         ``(x, y)``: ``x`` float64 of shape ``n x 2``; ``y`` int64 labels in ``{0, 1}``
         of shape ``n`` (``n // 2`` of class 0, the rest class 1).
+
+    Raises:
+        ValueError: ``n`` is not a positive int.
     """
+    positive_int("n", n)
     rng = np.random.default_rng(seed)
     y = (np.arange(n) >= n // 2).astype(np.int64)
     t = rng.uniform(0.0, math.pi, size=n)
@@ -99,7 +103,12 @@ def make_spirals(
     Returns:
         ``(x, y)``: ``x`` float64 of shape ``n x 2``; ``y`` int64 labels in
         ``0 .. num_classes - 1`` of shape ``n``.
+
+    Raises:
+        ValueError: ``n`` or ``num_classes`` is not a positive int.
     """
+    positive_int("n", n)
+    positive_int("num_classes", num_classes)
     rng = np.random.default_rng(seed)
     y = np.arange(n, dtype=np.int64) * num_classes // n
     r = rng.uniform(0.0, 1.0, size=n)
@@ -169,7 +178,8 @@ def load_classification(
         n: number of points of the synthetic data sets (ignored otherwise).
 
     Raises:
-        ValueError: unknown ``name``; ``test_fraction`` not in ``(0, 1)``; ``n`` not a positive int.
+        ValueError: unknown ``name``; ``test_fraction`` not in ``(0, 1)`` or leaving a split
+            empty; ``n`` not a positive int.
         ImportError: ``"digits"``/``"breast_cancer"`` without scikit-learn.
     """
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
@@ -187,6 +197,9 @@ def load_classification(
     # A child seed, so that the split is independent of the synthetic generators' draws.
     split_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
     train, test = _stratified_split(y, test_fraction, split_rng)
+    if len(test) == 0 or len(train) == 0:
+        raise ValueError(f"test_fraction={test_fraction} of {len(y)} points leaves the "
+                         f"{'test' if len(test) == 0 else 'training'} split empty")
     if name == "digits":
         x_mean, x_std = np.zeros(x.shape[1]), np.full(x.shape[1], 16.0)
     else:

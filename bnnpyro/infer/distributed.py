@@ -66,7 +66,7 @@ from tqdm.auto import tqdm
 
 from bnnpyro.infer.elbo_terms import elbo_terms
 from bnnpyro.infer.fit import FitHistory, _check_pair, _check_positive_int
-from bnnpyro.serialization import save
+from bnnpyro.serialization import _GUIDE_CLASSES, save
 
 
 def _world() -> tuple[int, int]:
@@ -215,8 +215,9 @@ def fit_distributed(
     holds per datum the epoch's global loss (step losses weighted by global
     batch size) and the NLL/KL split of the epoch's last global batch, reduced
     from the shards; ``validation`` is empty. Only rank 0 shows the progress bar
-    and writes ``checkpoint`` (``bnnpyro.save(checkpoint, checkpoint_model)``
-    after every epoch).
+    and writes ``checkpoint`` after every epoch: ``bnnpyro.save(checkpoint, checkpoint_model)``,
+    with ``guide`` too when it is an autoguide (a module; a catalogue model's hand-written guide
+    keeps its parameters in the model).
 
     :param data: ``(x, y)`` tensors of equal length, the same on every rank.
     :param int epochs: passes over ``data``.
@@ -229,7 +230,7 @@ def fit_distributed(
     :param bool shuffle: reshuffle every epoch (default True).
     :param bool progress: tqdm bar on rank 0.
     :param checkpoint: path written by rank 0 after every epoch; needs ``checkpoint_model``.
-    :param checkpoint_model: the catalogue model to save.
+    :param checkpoint_model: the catalogue model or :class:`bnnpyro.nn.BayesianMLP` to save.
     :param device: every shard is moved to it (e.g. ``f"cuda:{local_rank}"`` with nccl).
     """
     _check_positive_int("epochs", epochs)
@@ -245,6 +246,9 @@ def fit_distributed(
         raise ValueError(f"the global batch ({batch} rows) must have at least one row per rank ({world_size})")
     if checkpoint is not None and checkpoint_model is None:
         raise ValueError("checkpoint needs checkpoint_model, the model to save")
+    checkpoint_guide = guide if isinstance(guide, nn.Module) else None
+    if checkpoint is not None and checkpoint_guide is not None and type(guide).__name__ not in _GUIDE_CLASSES:
+        raise TypeError(f"checkpoint: cannot save a {type(guide).__name__} guide; bnnpyro.save takes {_GUIDE_CLASSES}")
 
     generator = torch.Generator().manual_seed(seed)
     pyro.set_rng_seed(seed + rank)
@@ -266,5 +270,5 @@ def fit_distributed(
             history.kl.append(kl)
             bar.set_postfix({"elbo": -history.loss[-1], "nll": nll, "kl": kl})
             if checkpoint is not None and rank == 0:
-                save(checkpoint, checkpoint_model)
+                save(checkpoint, checkpoint_model, checkpoint_guide)
     return history

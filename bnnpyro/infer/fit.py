@@ -129,8 +129,8 @@ def _restore_param_store(state: dict) -> None:
 def _check_optimizer_covers(optim: torch.optim.Optimizer, params: poutine.Trace) -> None:
     """Raise if a parameter that the model or guide registered with Pyro is not in ``optim``."""
     in_optim = {id(p) for group in optim.param_groups for p in group["params"]}
-    missing = [name for name, site in params.nodes.items()
-               if site["type"] == "param" and id(site["value"].unconstrained()) not in in_optim]
+    missing = sorted(name for name, site in params.nodes.items()
+               if site["type"] == "param" and id(site["value"].unconstrained()) not in in_optim)
     if missing:
         raise ValueError(
             f"optim does not update the parameters {missing} of the model and guide: build the torch "
@@ -262,8 +262,9 @@ def fit(
     :param bool shuffle: reshuffle tensor data every epoch (default True);
         a DataLoader's own setting applies to it.
     A :class:`pyro.optim.PyroLRScheduler` ``optim`` (e.g. ``pyro.optim.ExponentialLR``) is
-    stepped once at the end of every epoch (a torch optimizer's scheduler is the caller's:
-    step it in ``validation_fn``, for instance).
+    stepped once at the end of every epoch, after the validation; ``pyro.optim.ReduceLROnPlateau``
+    with the metric it watches: the epoch's validation value if it validated, else its loss
+    (a torch optimizer's scheduler is the caller's: step it in ``validation_fn``, for instance).
 
     :param validation_fn: ``validation_fn(epoch) -> float``, lower is better; a NaN never
         improves (and warns).
@@ -353,8 +354,6 @@ def fit(
                 num_data = seen
             with torch.no_grad():
                 nll, kl = elbo_terms(model, guide, *last_batch)
-            if isinstance(optim, PyroLRScheduler):
-                optim.step()  # learning-rate schedules advance once per epoch
             history.loss.append(weighted_loss / seen / num_data)
             history.nll.append(nll.item() / num_data)
             history.kl.append(kl.item() / num_data)
@@ -367,12 +366,18 @@ def fit(
                                   "improvement (has training diverged?)", RuntimeWarning, stacklevel=2)
                 history.validation.append(value)
                 postfix["val"] = value
-                if value < best_value:
+                if value < best_value or (history.best_epoch is None and not math.isnan(value)):
                     best_value, history.best_epoch, stale = value, epoch, 0
                     if patience is not None:
                         best_state = _snapshot_param_store()
                 else:
                     stale += 1
+            if isinstance(optim, PyroLRScheduler):  # learning-rate schedules advance once per epoch
+                if optim.pt_scheduler_constructor is torch.optim.lr_scheduler.ReduceLROnPlateau:
+                    validated = validation_fn is not None and (epoch + 1) % validate_every == 0
+                    optim.step(history.validation[-1] if validated else history.loss[-1])
+                else:
+                    optim.step()
             bar.set_postfix(postfix)
             if patience is not None and stale >= patience and epoch + 1 < epochs:
                 history.stopped_early = True
