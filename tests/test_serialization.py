@@ -268,3 +268,28 @@ def test_tampered_checkpoints_raise_value_errors(tmp_path):
              "guide parameters do not match")
     with pytest.raises(ValueError, match="has not been run yet"):
         bnnpyro.save(tmp_path / "unrun.pt", net, AutoNormal(BayesianMLP(3, 1, dataset_size=5)))
+
+
+def test_resume_with_the_optimizer_state_is_exact(tmp_path):
+    """A run saved after 3 epochs (bnnpyro.save for the model, torch.save for a torch optimizer's
+    state and the RNG state, as in PyTorch) and resumed from the files for 3 more epochs ends with
+    the parameters of the uninterrupted 6-epoch run, bit for bit."""
+    x = torch.randn(50, 2)
+    y = x @ torch.tensor([1.0, -1.0])
+    kwargs = dict(epochs=3, batch_size=10, progress=False)
+    pyro.set_rng_seed(0)
+    m = BayesianMLPRegressor(2, hidden=(8,), dataset_size=50)
+    optim = torch.optim.Adam(m.parameters(), lr=1e-2)
+    fit(m.model, m.guide, (x, y), optim=optim, seed=0, **kwargs)
+    bnnpyro.save(tmp_path / "m.pt", m)
+    torch.save({"optim": optim.state_dict(), "rng": torch.get_rng_state()}, tmp_path / "optim.pt")
+    fit(m.model, m.guide, (x, y), optim=optim, **kwargs)  # uninterrupted: 3 more epochs
+
+    loaded = bnnpyro.load(tmp_path / "m.pt")
+    state = torch.load(tmp_path / "optim.pt", weights_only=True)
+    resumed = torch.optim.Adam(loaded.parameters(), lr=1e-2)
+    resumed.load_state_dict(state["optim"])
+    torch.set_rng_state(state["rng"])
+    fit(loaded.model, loaded.guide, (x, y), optim=resumed, **kwargs)
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
