@@ -24,8 +24,10 @@ def check_float_batch(x: object, like: Tensor, shape_ok: bool, expected: str, da
     ``"B x 13"``), with at least one and, in training, at most ``dataset_size`` ``unit``, and with
     finite values. Raises ``TypeError``/``ValueError`` naming ``x`` otherwise.
     """
-    if not torch.is_tensor(x) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if not torch.is_tensor(x):
+        raise TypeError(f"x must be a floating-point torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     check_like("x", x, like)
     if not shape_ok:
         raise ValueError(f"x must be {expected}, got shape {tuple(x.shape)}")

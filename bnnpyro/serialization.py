@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -133,12 +134,25 @@ def save(path: str | os.PathLike, model: nn.Module, guide: nn.Module | None = No
     torch.save(payload, path)
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype | None):
+    """``torch``'s default dtype set to ``dtype`` (a float32/float64 one) inside the block."""
+    previous = torch.get_default_dtype()
+    if dtype in (torch.float32, torch.float64):
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def load(path: str | os.PathLike, map_location: str | torch.device | None = None):
     """
     Read a file written by :func:`save`. Returns the model, or ``(model, guide)`` when a guide was
     saved. Nothing touches Pyro's global param store until the returned objects are used (each
     gets a param-store name of its own), so loaded models never clash with each other or with
-    models already in the process; training resumes with a new ``SVI`` on them.
+    models already in the process; training resumes with a new ``SVI`` on them. The model is rebuilt
+    in its saved dtype, and loading draws nothing from the caller's random number stream.
 
     :raises ValueError: if the file is not a bnnpyro checkpoint, is corrupted, or its parameters
         do not match its configuration. Nothing is returned half-loaded.
@@ -157,9 +171,14 @@ def load(path: str | os.PathLike, map_location: str | torch.device | None = None
     if payload.get("model_class") not in classes:
         raise ValueError(f"unknown model class {payload.get('model_class')!r} in {os.fspath(path)!r}")
     try:
-        model = classes[payload["model_class"]](**payload["config"])
-        if "dtype" in payload:  # written since 2026-11-25; earlier checkpoints hold default-dtype models
-            model = model.to(_dtype(payload["dtype"]))
+        # built in the saved dtype (not built, then cast: buffers that are not saved, such as a
+        # BayesianMLP's prior scale, would keep their float32 rounding), without drawing from the
+        # caller's RNG stream (the constructor's initial weights are overwritten anyway)
+        dtype = _dtype(payload["dtype"]) if "dtype" in payload else None  # earlier: default dtype
+        with torch.random.fork_rng(devices=[]), _default_dtype(dtype):
+            model = classes[payload["model_class"]](**payload["config"])
+        if dtype is not None:
+            model = model.to(dtype)
         model.load_state_dict(payload["model_state"], strict=True)
     except (TypeError, RuntimeError, KeyError) as e:
         raise ValueError(f"checkpoint {os.fspath(path)!r} does not match its model configuration: {e}") from e
@@ -173,7 +192,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device | None = None
     try:
         # build the guide's parameters from one dummy forward of the model, then overwrite them
         x, y = _dummy_batch(model)
-        with pyro.poutine.block(), torch.no_grad():
+        with pyro.poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=[]):
             guide._setup_prototype(x, y)
             guide(x, y)
         guide.load_state_dict(payload["guide_state"], strict=True)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from bnnpyro._checks import all_finite, one_of, prior_scale_or_fan_in
+from bnnpyro._checks import all_finite, check_float_batch, one_of, prior_scale_or_fan_in
 
 BIG = torch.finfo(torch.float32).max
 
@@ -151,3 +151,14 @@ def test_one_of_names_the_argument_and_the_choices():
     assert one_of("estimator", "flipout", ("weight_space", "flipout")) == "flipout"
     with pytest.raises(ValueError, match=r"estimator must be one of \('weight_space', 'flipout'\), got 'x'"):
         one_of("estimator", "x", ("weight_space", "flipout"))
+
+
+def test_check_float_batch_names_a_non_tensor_by_its_type():
+    """A numpy array is named as such (its float32 dtype was printed, as if that were the problem)."""
+    import numpy as np
+
+    like = torch.zeros(3)
+    with pytest.raises(TypeError, match="x must be a floating-point torch.Tensor, got ndarray"):
+        check_float_batch(np.zeros((2, 3), dtype=np.float32), like, True, "B x 3", 10, True)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.int64"):
+        check_float_batch(torch.zeros(2, 3, dtype=torch.long), like, True, "B x 3", 10, True)

@@ -313,6 +313,15 @@ def test_embedding_lookup_uses_one_draw():
     assert not torch.equal(poutine.trace(emb).get_trace(idx).nodes["weight"]["value"], sites["weight"])
 
 
+def test_embedding_under_an_outer_plate_says_what_to_do():
+    """A stack of table draws (an outer plate of samples) is refused with the way out, not F.embedding's
+    bare "'weight' must be 2-D"."""
+    emb = BayesianEmbedding(7, 3)
+    with pytest.raises(RuntimeError, match=r"one draw of its table \(V x E\), got a weight of shape \(4, 1, 7, 3\)"):
+        with pyro.plate("samples", 4, dim=-2):
+            emb(torch.tensor([[0, 3]]))
+
+
 def test_embedding_padding_idx_gives_zeros():
     emb = BayesianEmbedding(5, 2, padding_idx=-1)
     assert emb.padding_idx == 4

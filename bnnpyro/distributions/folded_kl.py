@@ -27,6 +27,10 @@ class FoldedKLLayer(TorchDistribution):
     minibatch form of Blundell et al. (2015). ``log p`` of the model's layer site (the prior as a
     layer) is its own KL from itself, zero.
 
+    Since the KL rides on the rows, anything that weights rows weights it too: ``poutine.mask``
+    over some rows drops their shares of the KL (with 3 of ``B = 5`` rows kept, ``3/5`` of it).
+    To leave rows out of the likelihood only, mask the likelihood site, not the layers.
+
     Subclasses (:class:`~bnnpyro.distributions.HiddenLayer`, :class:`~bnnpyro.distributions.ConvLayer`,
     :class:`~bnnpyro.distributions.EmbeddingLayer`) set ``_kl_per_row = KL_factor / B`` and define
     ``KL``, ``rsample`` and ``expand`` (with :meth:`_finish_expand`).

@@ -49,7 +49,14 @@ class BayesianEmbedding(BayesianWeights):
         self.padding_idx = padding_idx
 
     def forward(self, input: Tensor) -> Tensor:
-        out = F.embedding(input, self.weight)
+        weight = self.weight
+        if weight.dim() != 2:
+            raise RuntimeError(
+                f"BayesianEmbedding takes one draw of its table (V x E), got a weight of shape {tuple(weight.shape)}: "
+                "under an outer plate of samples (vectorize_particles=True, Predictive(parallel=True)) run the "
+                "samples one at a time instead (e.g. sample_predictive(..., vectorize=False))"
+            )
+        out = F.embedding(input, weight)
         if self.padding_idx is not None:
             out = out.masked_fill((input == self.padding_idx).unsqueeze(-1), 0.0)
         return out
