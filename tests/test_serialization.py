@@ -317,3 +317,55 @@ def test_float64_model_loads_with_its_float64_prior_and_leaves_the_rng_alone(tmp
         pyro.set_rng_seed(0)
         losses.append(TraceMeanField_ELBO().loss(n, g, x, y))
     assert losses[0] == losses[1]
+
+
+def _trains(model, guide, x, y, *modules):
+    """Whether 5 SVI steps of ``model``/``guide`` change the parameters of ``modules`` (their own tensors)."""
+    def params():
+        return torch.cat([p.detach().reshape(-1).clone() for m in modules for p in m.parameters()])
+
+    before = params()
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), TraceMeanField_ELBO())
+    for _ in range(5):
+        svi.step(x, y)
+    return not torch.equal(before, params())
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_catalogue_model_trains_on_its_own_parameters(how):
+    """A deep copy or an unpickled copy gets a param-store name of its own: with the original's it
+    found the original's tensors in the store, SVI stepped those, and the copy never trained. A
+    trained model pickles (Pyro's weak references on its parameters are dropped)."""
+    import copy
+    import pickle
+
+    x = torch.randn(20, 3)
+    y = x.sum(-1)
+    m = BayesianMLPRegressor(3, hidden=(4,), dataset_size=20)
+    assert _trains(m.model, m.guide, x, y, m)  # registered and trained: weak references on its parameters
+    c = copy.deepcopy(m) if how == "deepcopy" else pickle.loads(pickle.dumps(m))
+    assert c._pyro_name != m._pyro_name
+    original = {k: v.clone() for k, v in m.state_dict().items()}
+    assert _trains(c.model, c.guide, x, y, c)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in original.items())  # the original untouched
+
+
+def test_a_copied_autoguide_model_pair_keeps_its_own_parameters():
+    """BayesianMLP and AnalyticAutoNormal copied together: training the copy leaves the original's
+    noise scale and guide parameters as they were (it shared them)."""
+    import copy
+
+    from bnnpyro.infer import AnalyticAutoNormal
+    from bnnpyro.nn import BayesianMLP
+
+    x = torch.randn(20, 3)
+    y = x.sum(-1)
+    net = BayesianMLP(3, 1, hidden=(4,), dataset_size=20)
+    guide = AnalyticAutoNormal(net)
+    assert _trains(net, guide, x, y, net, guide)
+    net2, guide2 = copy.deepcopy((net, guide))
+    assert guide._model is not None  # the original keeps its model (Pyro's AutoGuide dropped it)
+    guide2._model = (net2,)  # a copy, as Pyro's, holds none
+    before = [t.detach().clone() for t in (*net.parameters(), *guide.parameters())]
+    assert _trains(net2, guide2, x, y, net2, guide2)
+    assert all(torch.equal(a, b) for a, b in zip(before, (*net.parameters(), *guide.parameters())))

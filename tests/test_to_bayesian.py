@@ -310,7 +310,7 @@ def test_a_shared_module_stays_shared():
 def test_two_converted_models_in_one_process_train_their_own_parameters():
     """The deterministic (excluded) parameters of two conversions of one architecture are distinct
     Pyro params: training the second moves its own, not the first one's (whose names they would
-    share in Pyro's global param store), and a pickled copy keeps names of its own."""
+    share in Pyro's global param store), and a pickled copy gets a name of its own."""
     x, y = torch.randn(64, 3), torch.randn(64)
 
     def converted():
@@ -334,8 +334,10 @@ def test_two_converted_models_in_one_process_train_their_own_parameters():
         assert not torch.equal(trained[0].weight, before_a if net is a else before_b)
         assert torch.equal(other[0].weight, before_b if net is a else before_a)
     copy = pickle.loads(pickle.dumps(b))
-    assert copy._param_prefix == b._param_prefix and type(copy[0]) is type(b[0])
-    assert f"{b._param_prefix}.0.weight" in poutine.trace(copy).get_trace(x).nodes
+    # a name of its own, one for all its modules (with b's it adopted b's parameters in the store)
+    assert copy._param_prefix != b._param_prefix and copy[0]._param_prefix == copy._param_prefix
+    assert type(copy[0]) is type(b[0])
+    assert f"{copy._param_prefix}.0.weight" in poutine.trace(copy).get_trace(x).nodes
     assert "2.weight" in poutine.trace(copy).get_trace(x).nodes  # a sample site, plain name
 
 

@@ -11,7 +11,7 @@ from pyro.infer.autoguide import AutoNormal
 from torch.distributions import biject_to, constraints
 
 from bnnpyro.distributions import FactorizedNormal
-from bnnpyro.nn.param_names import new_param_prefix
+from bnnpyro.nn.param_names import NewParamNameOnCopy, new_param_prefix
 
 
 def _is_real(support) -> bool:
@@ -20,7 +20,7 @@ def _is_real(support) -> bool:
     return support is constraints.real
 
 
-class AnalyticAutoNormal(AutoNormal):
+class AnalyticAutoNormal(NewParamNameOnCopy, AutoNormal):
     r"""
     :class:`pyro.infer.autoguide.AutoNormal` with the same parameters, initialisation and API,
     differing in one respect: at every site with real support it samples
@@ -33,12 +33,22 @@ class AnalyticAutoNormal(AutoNormal):
 
     Each instance keeps its parameters in Pyro's param store under a name of its own
     (``AnalyticAutoNormal_<k>.locs.<site>``), so two guides in one process never share them (two
-    of Pyro's ``AutoNormal`` s for models with the same site names do).
+    of Pyro's ``AutoNormal`` s for models with the same site names do); so does a deep copy or an
+    unpickled guide. As with Pyro's autoguides, a copy does not hold the model (set
+    ``copy._model = (model,)`` to set it up afresh); unlike them, copying leaves the original whole.
     """
 
     def __init__(self, model, **kwargs) -> None:
         super().__init__(model, **kwargs)
         self._pyro_name = new_param_prefix(type(self).__name__)
+
+    def __getstate__(self) -> dict:
+        # Pyro's AutoGuide leaves its model out of a copy or pickle by dropping its own reference to
+        # it, which broke the original; here only the copy's state goes without it
+        model, master = self._model, self.master
+        state = dict(super().__getstate__())
+        self._model, self.master = model, master
+        return state
 
     def forward(self, *args, **kwargs):
         if self.prototype_trace is None:

@@ -45,7 +45,7 @@ from bnnpyro.distributions import ConvLayer, HiddenLayer, normal_kl_sum
 from bnnpyro.distributions.hidden_layer import ESTIMATORS
 from bnnpyro.models._config import ConfigRepr
 from bnnpyro.nn.activations import identity, inverse_softplus
-from bnnpyro.nn.param_names import new_param_prefix
+from bnnpyro.nn.param_names import NewParamNameOnCopy, new_param_prefix
 
 __all__ = ["BayesianCNNClassifier"]
 
@@ -67,7 +67,7 @@ def _append_ones(h: Tensor) -> Tensor:
     return torch.cat([h, h.new_ones(h.shape[:-1] + (1,))], dim=-1)
 
 
-class BayesianCNNClassifier(ConfigRepr, nn.Module):
+class BayesianCNNClassifier(ConfigRepr, NewParamNameOnCopy, nn.Module):
     r"""
     Bayesian LeNet-style classifier: ``[ConvLayer(k x k, same padding) -> ReLU -> maxpool 2x2] x
     len(channels) -> flatten -> [HiddenLayer -> ReLU] x len(hidden) -> HiddenLayer -> logits``.

@@ -66,7 +66,7 @@ from bnnpyro.models._config import ConfigRepr
 from bnnpyro.nn import BayesianEmbedding, BayesianLSTM, lstm_forward
 from bnnpyro.nn.activations import identity, inverse_softplus
 from bnnpyro.nn.lstm import LSTMState, lstm_flipout_forward
-from bnnpyro.nn.param_names import new_param_prefix
+from bnnpyro.nn.param_names import NewParamNameOnCopy, new_param_prefix
 from bnnpyro.predict.metrics import mutual_information, predictive_entropy
 
 __all__ = ["BayesianLSTMClassifier", "BayesianLSTMLanguageModel"]
@@ -226,7 +226,7 @@ class _MeanFieldNormal(nn.Module):
         return {s: self.loc[self._key(s)] for s in self.sites}
 
 
-class _BayesianLSTMNet(ConfigRepr, nn.Module):
+class _BayesianLSTMNet(ConfigRepr, NewParamNameOnCopy, nn.Module):
     r"""
     Shared plumbing: the encoder, its mean-field posterior, the output layer's parameters
     (``(H + 1) x out_features``, the last row a bias) and their priors, input checks.

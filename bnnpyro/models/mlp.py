@@ -17,10 +17,10 @@ from bnnpyro.distributions import HiddenLayer, normal_kl_sum
 from bnnpyro.distributions.hidden_layer import ESTIMATORS
 from bnnpyro.models._config import ConfigRepr
 from bnnpyro.nn.activations import identity, inverse_softplus, resolve_non_linearity
-from bnnpyro.nn.param_names import new_param_prefix
+from bnnpyro.nn.param_names import NewParamNameOnCopy, new_param_prefix
 
 
-class _HiddenLayerMLP(ConfigRepr, nn.Module):
+class _HiddenLayerMLP(ConfigRepr, NewParamNameOnCopy, nn.Module):
     r"""
     Shared plumbing of the catalogue MLPs: ``in_features -> hidden... -> out_width``, every
     layer a :class:`~bnnpyro.distributions.HiddenLayer` (local reparameterization).

@@ -27,6 +27,7 @@ class UniqueParamNames:
     """
     Mixin for a :class:`~pyro.nn.PyroModule`: with ``self._param_prefix`` set, its parameters are
     registered in Pyro's param store as ``<prefix>.<path>``; its sample sites keep ``<path>``.
+    A deep copy or an unpickled instance gets a new prefix (see :class:`NewParamNameOnCopy`).
     """
 
     def _pyro_get_fullname(self, name: str) -> str:
@@ -35,6 +36,47 @@ class UniqueParamNames:
         if prefix is None or name in self.__dict__["_pyro_samples"]:
             return fullname
         return f"{prefix}.{fullname}"
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        old = self.__dict__.get("_param_prefix")
+        if old is None:
+            return
+        # submodules are restored before their parent: the outermost copied module gives its new
+        # prefix to every module of the copy that shared its old one
+        self._prefix_before_copy = old
+        new = new_param_prefix(old.rsplit("_", 1)[0])
+        for module in self.modules():
+            if isinstance(module, UniqueParamNames) and module.__dict__.get("_prefix_before_copy") == old:
+                module._param_prefix = new
+
+
+class NewParamNameOnCopy:
+    """
+    Mixin for a module whose parameters Pyro's param store keys by ``self._pyro_name`` (a
+    catalogue model registered with ``pyro.module``, or a :class:`~pyro.nn.PyroModule` guide): a
+    deep copy (``copy.deepcopy``) or an unpickled instance (``pickle``, ``torch.save`` of the whole
+    module) gets a name of its own. With the original's name, the copy's first call found the
+    original's tensors in the store: SVI then stepped those, the copy's own parameters were never
+    trained (or, for a PyroModule, the copy adopted the original's). Pickling also drops the weak
+    references that the param store leaves on registered parameters (unpicklable), as
+    :class:`~pyro.nn.PyroModule` does for its own.
+    """
+
+    def __getstate__(self) -> dict:
+        for param in self.parameters():
+            param.__dict__.pop("unconstrained", None)
+        return super().__getstate__()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        name = new_param_prefix(type(self).__name__)
+        if not isinstance(self, PyroModule):
+            self._pyro_name = name
+            return
+        for path, module in self.named_modules():  # a PyroModule's submodules are named after it
+            if isinstance(module, PyroModule):
+                module._pyro_name = f"{name}.{path}" if path else name
 
 
 def _reduce_made_class(self: nn.Module) -> tuple:
