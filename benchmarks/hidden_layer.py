@@ -10,8 +10,9 @@ Compared side by side in one run, B = 128 and D = H in {256, 1024, 2048}:
 * ``contrib``: pyro.contrib.bnn's variance formula ``((X**2)[..., None] * A_scale**2).sum(-2)``
   (a ``B x D x H`` intermediate).
 
-Peak memory is the peak resident memory added by one forward+backward (measured in a forked
-child, see ``benchmarks/_common.py``); parameters and inputs, allocated before, are not counted.
+Peak memory is the peak resident memory added by one forward+backward (measured in this process
+after all timings, see ``benchmarks/_common.peak_memory_mib``); parameters and inputs, allocated
+before, are not counted.
 
 Usage: ``python benchmarks/hidden_layer.py [--sizes 256 1024 2048] [--out results.json]``
 """

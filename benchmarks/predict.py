@@ -71,7 +71,7 @@ def main() -> None:
         fns = _passes(m, x, S, chunk or "auto", predictive)
         with torch.no_grad():
             ms = interleaved_median_ms(fns, args.repeats)
-        row = {"model": label, "S": S, "inputs": B, "chunk_size": chunk, "ms": ms,
+        row = {"model": label, "S": S, "inputs": B, "chunk_size": chunk or "auto", "ms": ms,
                "speedup_vs_loop": ms["loop"] / ms["vectorized"],
                "speedup_vs_loop_as_trained": ms["loop (as trained)"] / ms["vectorized"],
                "speedup_vs_Predictive": ms["Predictive"] / ms["vectorized"]}

@@ -72,9 +72,10 @@ def run_split(name: str, split: int, args) -> dict:
     return {"split": split, "epochs": epochs, "seconds": seconds, **metrics}
 
 
-def summarize(values: list[float]) -> tuple[float, float]:
+def summarize(values: list[float]) -> tuple[float, float | None]:
     mean = statistics.fmean(values)
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    # one split has no standard error: None (JSON null; a NaN would be written as invalid JSON)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
     return mean, se
 
 
@@ -169,7 +170,8 @@ def report(runs_by_name: dict[str, list[dict]], args, quiet: bool = False) -> No
         else:
             cols_r = cols_l = " ".join(f"{'-':>6}" for _ in range(3))
             beats = "-"
-        print(f"{name:<18}{r['splits']:>7} | {rm:>8.2f} ±{rs:>5.2f} {cols_r} | {lm:>8.2f} ±{ls:>5.2f} {cols_l} | {beats}")
+        rs, ls = (f"{se:>5.2f}" if se is not None else f"{'-':>5}" for se in (rs, ls))
+        print(f"{name:<18}{r['splits']:>7} | {rm:>8.2f} ±{rs} {cols_r} | {lm:>8.2f} ±{ls} {cols_l} | {beats}")
     write_json(args.out, {"args": vars(args), "published": PUBLISHED, "results": results})
 
 
