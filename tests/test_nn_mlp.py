@@ -340,3 +340,17 @@ def test_scale_mixture_normal_density_and_draws():
     ndtr = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
     p = pi * (2 * ndtr(0.05 / s1) - 1) + (1 - pi) * (2 * ndtr(0.05 / s2) - 1)
     assert abs((draws.abs() < 0.05).double().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_repr_shows_the_non_linearity_and_the_noise():
+    """Two networks differing in their activation or noise printed the same."""
+    assert repr(BayesianMLP(3, 1, non_linearity="tanh")) != repr(BayesianMLP(3, 1))
+    assert "non_linearity='tanh'" in repr(BayesianMLP(3, 1, non_linearity="tanh"))
+    assert "noise='learned'" in repr(BayesianMLP(3, 1)) and "noise_scale=0.1" in repr(BayesianMLP(3, 1, noise_scale=0.1))
+    assert "non_linearity='sigmoid'" in repr(BayesianMLP(3, 2, likelihood="classification", non_linearity=torch.sigmoid))
+
+
+def test_prior_repr_shows_the_fields_of_its_kind():
+    assert repr(Prior(scale=0.5)) == "Prior(kind='normal', mean=0.0, scale=0.5)"
+    assert repr(Prior("scale_mixture", pi=0.5)).startswith("Prior(kind='scale_mixture', pi=0.5, sigma1=")
+    assert "scale=" not in repr(Prior("scale_mixture")).replace("sigma", "")

@@ -117,6 +117,11 @@ class Prior:
     def has_closed_form_kl(self) -> bool:
         return self.kind == "normal"
 
+    def __repr__(self) -> str:
+        """The fields of its ``kind`` only (a scale mixture ignores ``mean`` and ``scale``)."""
+        names = ("mean", "scale") if self.kind == "normal" else ("pi", "sigma1", "sigma2")
+        return f"Prior(kind={self.kind!r}, " + ", ".join(f"{n}={getattr(self, n)!r}" for n in names) + ")"
+
     def __call__(self, shape, device=None, dtype=torch.float32) -> TorchDistribution:
         """The prior over a weight tensor of ``shape``, as one event of ``len(shape)`` dims."""
         shape = torch.Size(shape)

@@ -69,10 +69,9 @@ class BayesianMLP(UniqueParamNames, PyroModule):
     conditioned to stacked draws ``S x out x in`` (what ``Predictive(..., parallel=True)``
     feeds the model: its guide pass has no plates) give ``S x B x out`` directly.
 
-    Parameters live in Pyro's global param store under the module's site names, and, as for
-    every :class:`~pyro.nn.PyroModule`, a value already in the store takes precedence over
-    the module's (e.g. after ``load_state_dict``): clear the store
-    (``pyro.clear_param_store()``) or enable ``pyro.settings.set(module_local_params=True)``.
+    The learned ``sigma`` lives in Pyro's global param store under the instance's own name, so a
+    ``load_state_dict`` into a new instance is used as loaded (no stale store entry of another
+    model overrides it), and a deep copy or an unpickled model takes a new name of its own.
 
     :param in_features: input width ``D``.
     :param out_features: output width: 1 (or more) regression targets, or the number of classes.
@@ -213,4 +212,8 @@ class BayesianMLP(UniqueParamNames, PyroModule):
         return mean, self.sigma.expand(mean.shape)
 
     def extra_repr(self) -> str:
-        return f"likelihood={self.likelihood!r}, dataset_size={self.dataset_size}"
+        non_linearity = self.config["non_linearity"] or getattr(self.non_linearity, "__name__", "callable")
+        noise = "" if self.likelihood != "regression" else (
+            ", noise='learned'" if self.config["noise_scale"] is None else f", noise_scale={self.config['noise_scale']}")
+        return (f"likelihood={self.likelihood!r}, non_linearity={non_linearity!r}{noise}, "
+                f"dataset_size={self.dataset_size}")
