@@ -134,6 +134,13 @@ def save(path: str | os.PathLike, model: nn.Module, guide: nn.Module | None = No
     torch.save(payload, path)
 
 
+def _own_rng() -> contextlib.AbstractContextManager:
+    """The CPU and every CUDA generator's states restored on leaving (a guide set up on the GPU
+    draws from the CUDA generator)."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    return torch.random.fork_rng(devices=cuda)
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype | None):
     """``torch``'s default dtype set to ``dtype`` (a float32/float64 one) inside the block."""
@@ -175,7 +182,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device | None = None
         # BayesianMLP's prior scale, would keep their float32 rounding), without drawing from the
         # caller's RNG stream (the constructor's initial weights are overwritten anyway)
         dtype = _dtype(payload["dtype"]) if "dtype" in payload else None  # earlier: default dtype
-        with torch.random.fork_rng(devices=[]), _default_dtype(dtype):
+        with _own_rng(), _default_dtype(dtype):
             model = classes[payload["model_class"]](**payload["config"])
         if dtype is not None:
             model = model.to(dtype)
@@ -192,7 +199,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device | None = None
     try:
         # build the guide's parameters from one dummy forward of the model, then overwrite them
         x, y = _dummy_batch(model)
-        with pyro.poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with pyro.poutine.block(), torch.no_grad(), _own_rng():
             guide._setup_prototype(x, y)
             guide(x, y)
         guide.load_state_dict(payload["guide_state"], strict=True)

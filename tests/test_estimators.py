@@ -352,3 +352,24 @@ def test_local_reparameterization_refuses_a_weight_used_twice():
     with pytest.raises(ValueError, match="LocalReparameterization: one weight draw .* Use Flipout"):
         with LocalReparameterization():
             poutine.replay(bnn, trace=poutine.trace(guide).get_trace(x))(x)
+
+
+@pytest.mark.parametrize("handler", [Flipout, LocalReparameterization])
+def test_one_draw_replayed_in_several_passes_is_not_a_reuse(handler):
+    """A replay of a weight draw starts another pass over it: one guide draw evaluated on two batches,
+    or sample_predictive's later chunks replaying the first chunk's draws, raised as if one pass had
+    used the weight twice."""
+    from bnnpyro import sample_predictive
+
+    pyro.clear_param_store()
+    bnn = to_bayesian(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    guide = AutoNormal(bnn)
+    x = torch.randn(10, 3)
+    guide(x)
+    with handler():
+        tr = poutine.trace(guide).get_trace(x)
+        assert poutine.replay(bnn, trace=tr)(x).shape == (10, 2)
+        assert poutine.replay(bnn, trace=tr)(x[:7]).shape == (7, 2)
+    for vectorize in (False, True):
+        with handler():
+            assert sample_predictive(bnn, guide, x, 3, chunk_size=4, vectorize=vectorize)["f"].shape == (3, 10, 2)

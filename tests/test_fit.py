@@ -422,9 +422,18 @@ def test_reduce_lr_on_plateau_steps_with_the_validation_value(values, factor):
     fit(m.model, m.guide, (x, x.sum(-1)), epochs=3, optim=o, seed=0, progress=False,
         validation_fn=lambda epoch: values[epoch])
     assert lrs(o) and lrs(o) == pytest.approx([1e-3 * factor] * len(lrs(o)))
-    o = optim()
-    fit(m.model, m.guide, (x, x.sum(-1)), epochs=3, optim=o, seed=0, progress=False)
-    assert lrs(o) and all(any(lr == pytest.approx(v) for v in (1e-3, 5e-4, 2.5e-4)) for lr in lrs(o))
+    # without validation_fn, stepped with the epoch's loss; with validate_every=2, only after the
+    # validations, with their values (not the loss, on another scale, in between)
+    for kwargs, expected in (({}, "loss"), ({"validation_fn": lambda epoch: 10.0 - epoch, "validate_every": 2}, "val")):
+        o = optim()
+        fit(m.model, m.guide, (x, x.sum(-1)), epochs=4, optim=o, seed=0, progress=False)  # builds the schedulers
+        metrics = []
+        for sched in o.optim_objs.values():
+            sched.step = lambda metric, _record=metrics: _record.append(metric)
+        history = fit(m.model, m.guide, (x, x.sum(-1)), epochs=4, optim=o, seed=0, progress=False, **kwargs)
+        want = history.loss if expected == "loss" else [9.0, 7.0]
+        n = len(o.optim_objs)
+        assert metrics == pytest.approx([v for v in want for _ in range(n)])
 
 
 def test_dataloader_n_is_the_dataset_length_with_drop_last(monkeypatch):

@@ -409,3 +409,16 @@ def test_a_layer_site_outside_every_plate_is_drawn_per_chunk():
     for chunk_size in (None, 4, 3):
         f = sample_predictive(model, model, x, 2, chunk_size=chunk_size)["f"]
         torch.testing.assert_close(f, (x @ A_mean).expand(2, 8, 2), atol=1e-4, rtol=0)
+
+    # a wrapped weight-space layer keeps its S networks across chunks too (its estimator is set
+    # through the wrapper): x twice over, the copies in different chunks, give the same outputs
+    A_scale = torch.full((3, 2), 1.0)
+
+    def wide(x, y=None):
+        return pyro.sample("f", HiddenLayer(x, A_mean, A_scale, identity, include_hidden_bias=False,
+                                            estimator="weight_space").to_event(1))
+
+    for estimator in (None, "weight_space", "auto"):
+        f = sample_predictive(wide, wide, torch.cat([x, x]), 5, chunk_size=5, estimator=estimator)["f"]
+        torch.testing.assert_close(f[:, :8], f[:, 8:])
+        assert f.std(0).mean() > 0.1

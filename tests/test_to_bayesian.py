@@ -388,3 +388,20 @@ def test_exclude_matches_any_path_of_a_shared_module(exclude):
     tr = poutine.trace(to_bayesian(Shared(), exclude=exclude)).get_trace(torch.randn(3, 2))
     sites = [site["name"].rsplit(".", 1)[-1] for site in tr.nodes.values() if site["type"] == "sample"]
     assert sites == (["bias"] if exclude == "b.weight" else [])
+
+
+def test_exclude_covers_a_shared_module_inside_an_excluded_one():
+    """The same nn.Linear at a.0 and b, exclude="a": it is inside the excluded a, so it stays
+    deterministic at b too (it was converted when reached at b first)."""
+    lin = nn.Linear(2, 2)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b, self.a = lin, nn.Sequential(lin)
+
+        def forward(self, x):
+            return self.a(self.b(x))
+
+    tr = poutine.trace(to_bayesian(Shared(), exclude="a")).get_trace(torch.randn(3, 2))
+    assert not [name for name, site in tr.nodes.items() if site["type"] == "sample"]

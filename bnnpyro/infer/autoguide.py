@@ -34,8 +34,8 @@ class AnalyticAutoNormal(NewParamNameOnCopy, AutoNormal):
     Each instance keeps its parameters in Pyro's param store under a name of its own
     (``AnalyticAutoNormal_<k>.locs.<site>``), so two guides in one process never share them (two
     of Pyro's ``AutoNormal`` s for models with the same site names do); so does a deep copy or an
-    unpickled guide. As with Pyro's autoguides, a copy does not hold the model (set
-    ``copy._model = (model,)`` to set it up afresh); unlike them, copying leaves the original whole.
+    unpickled guide. As with Pyro's autoguides, a copy holds no reference to the model; unlike
+    them, copying leaves the original's reference in place.
     """
 
     def __init__(self, model, **kwargs) -> None:

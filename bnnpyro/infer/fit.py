@@ -263,7 +263,8 @@ def fit(
         a DataLoader's own setting applies to it.
     A :class:`pyro.optim.PyroLRScheduler` ``optim`` (e.g. ``pyro.optim.ExponentialLR``) is
     stepped once at the end of every epoch, after the validation; ``pyro.optim.ReduceLROnPlateau``
-    with the metric it watches: the epoch's validation value if it validated, else its loss
+    with the metric it watches: the validation value, after each validation (with ``validation_fn``),
+    else the epoch's loss
     (a torch optimizer's scheduler is the caller's: step it in ``validation_fn``, for instance).
 
     :param validation_fn: ``validation_fn(epoch) -> float``, lower is better; a NaN never
@@ -373,11 +374,12 @@ def fit(
                 else:
                     stale += 1
             if isinstance(optim, PyroLRScheduler):  # learning-rate schedules advance once per epoch
-                if optim.pt_scheduler_constructor is torch.optim.lr_scheduler.ReduceLROnPlateau:
-                    validated = validation_fn is not None and (epoch + 1) % validate_every == 0
-                    optim.step(history.validation[-1] if validated else history.loss[-1])
-                else:
+                if not issubclass(optim.pt_scheduler_constructor, torch.optim.lr_scheduler.ReduceLROnPlateau):
                     optim.step()
+                elif validation_fn is None:
+                    optim.step(history.loss[-1])
+                elif (epoch + 1) % validate_every == 0:  # one metric only: not the loss in between
+                    optim.step(history.validation[-1])
             bar.set_postfix(postfix)
             if patience is not None and stale >= patience and epoch + 1 < epochs:
                 history.stopped_early = True

@@ -104,8 +104,12 @@ class _Converter:
         self.converted: dict[int, PyroModule] = {}  # a module used at several paths is converted once
 
     def excluded(self, paths: list[str], name: str = "") -> bool:
-        """Whether ``exclude`` matches one of ``paths`` (a module's), or ``name`` under one of them."""
-        names = [_join(path, name) if name else path for path in paths]
+        """Whether ``exclude`` matches one of ``paths`` (a module's) or one of their ancestors (a
+        shared module inside an excluded one), or ``name`` under one of them."""
+        names = set()
+        for path in paths:
+            parts = (_join(path, name) if name else path).split(".")
+            names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
         return any(fnmatchcase(full, pattern) for full in names for pattern in self.exclude)
 
     def module(self, module: nn.Module, path: str) -> PyroModule:

@@ -137,7 +137,8 @@ class _Estimator(Messenger):
     def __init__(self) -> None:
         super().__init__()
         self._records: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        # weight draws already used by an intercepted op -> what the estimator keeps for a reuse
+        # weight draws already used by an intercepted op in the current pass over them (a replay of
+        # the draw starts a new one) -> what the estimator keeps for a reuse
         self._uses: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._mode: Optional[_InterceptMode] = None
 
@@ -154,9 +155,14 @@ class _Estimator(Messenger):
 
     def _pyro_post_sample(self, msg: Message) -> None:
         value = msg["value"]
-        if msg["is_observed"] or not isinstance(value, Tensor) or value in self._records:
+        if msg["is_observed"] or not isinstance(value, Tensor):
             return
         if _is_replayed(msg["name"]):
+            # a replay of a draw starts another pass over it (the model's pass, a later chunk's):
+            # the calls it served so far were another pass's
+            self._uses.pop(value, None)
+            return
+        if value in self._records:
             return
         fn = msg["fn"]
         if isinstance(fn, Delta) and fn.v in self._records and fn.v.shape == value.shape:

@@ -66,9 +66,9 @@ def _check_weight_dim(flat_weights: list[Tensor], i: int, dim: int) -> None:
 def _check_input(x: Tensor, weight_ih: Tensor) -> None:
     """The input's features and dtype must be the first layer's (``weight_ih_l0``: ``4H x D``), as
     ``nn.LSTM`` checks: on CPU the fused kernel does not, and read past a too-narrow input."""
-    if x.size(-1) != weight_ih.shape[1]:
-        raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {weight_ih.shape[1]}, "
-                           f"got {x.size(-1)}")
+    width, expected = int(x.shape[-1]), int(weight_ih.shape[1])  # plain ints under torch.jit.trace
+    if width != expected:
+        raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {expected}, got {width}")
     if x.dtype != weight_ih.dtype and not torch._C._is_any_autocast_enabled():  # as nn.LSTM
         raise ValueError(f"input dtype ({x.dtype}) does not match weight dtype ({weight_ih.dtype})")
 

@@ -7,12 +7,14 @@ import numbers
 from typing import Callable, Sequence
 
 import pyro
+from pyro.distributions import MaskedDistribution
 from pyro.distributions.util import is_validation_enabled
 import pyro.poutine as poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 import torch
 from torch import Tensor
+from torch.distributions import Independent
 
 from bnnpyro._checks import all_finite
 from bnnpyro.distributions import ConvLayer, FoldedKLLayer, HiddenLayer
@@ -57,7 +59,7 @@ class _LayerSampling(Messenger):
     def __init__(self, estimator: str | None) -> None:
         super().__init__()
         self.estimator = estimator
-        self.weight_noise: dict[str, Tensor] = {}
+        self.weight_noise: dict[str, Tensor | tuple[Tensor, Tensor | None]] = {}
         self.output_storage: dict[str, Tensor] = {}
 
     def release(self, t: Tensor) -> None:
@@ -67,8 +69,8 @@ class _LayerSampling(Messenger):
             del self.output_storage[name]
 
     def _pyro_sample(self, msg: dict) -> None:
-        fn = msg["fn"]
-        if not isinstance(fn, (HiddenLayer, ConvLayer)) or msg["is_observed"]:
+        fn = _base_layer(msg["fn"])
+        if fn is None or msg["is_observed"]:
             return
         fn = fn.expand(fn.batch_shape)  # a copy: the guide's own layer is left as it is
         if isinstance(fn, HiddenLayer):
@@ -81,16 +83,33 @@ class _LayerSampling(Messenger):
             fn.weight_space_sampling = fn.estimator == "weight_space"
             fn.output_buffer = self.output_storage.pop(msg["name"], None)
         fn.weight_noise = self.weight_noise.get(msg["name"]) if fn.estimator == "weight_space" else None
-        msg["fn"] = fn
+        msg["fn"] = _with_base(msg["fn"], fn)
 
     def _pyro_post_sample(self, msg: dict) -> None:
-        fn = msg["fn"]
-        if not isinstance(fn, (HiddenLayer, ConvLayer)):
+        fn = _base_layer(msg["fn"])
+        if fn is None:
             return
         if fn.estimator == "weight_space" and fn.drawn_weight_noise is not None:
             self.weight_noise.setdefault(msg["name"], fn.drawn_weight_noise)
         if isinstance(fn, HiddenLayer) and fn.drawn_output_storage is not None:
             self.output_storage[msg["name"]] = fn.drawn_output_storage
+
+
+def _base_layer(fn: object) -> HiddenLayer | ConvLayer | None:
+    """The :class:`~bnnpyro.distributions.HiddenLayer` or :class:`~bnnpyro.distributions.ConvLayer`
+    that ``fn`` is, or wraps (``.to_event``, ``.mask``), or ``None``."""
+    while isinstance(fn, (Independent, MaskedDistribution)):
+        fn = fn.base_dist
+    return fn if isinstance(fn, (HiddenLayer, ConvLayer)) else None
+
+
+def _with_base(fn: object, base: HiddenLayer | ConvLayer) -> object:
+    """``fn`` with the layer it is or wraps replaced by ``base``, under the same wrappers."""
+    if isinstance(fn, Independent):  # Pyro's (callable) subclass, as .to_event makes
+        return type(fn)(_with_base(fn.base_dist, base), fn.reinterpreted_batch_ndims)
+    if isinstance(fn, MaskedDistribution):
+        return type(fn)(_with_base(fn.base_dist, base), fn._mask)
+    return base
 
 
 def _is_global_latent(site: dict) -> bool:
