@@ -143,3 +143,24 @@ def test_validation_of_values_not_drawn_by_a_factorized_normal():
         p.log_prob(torch.full((4, 3), float("nan")))
     with pytest.raises(ValueError):
         p.log_prob(torch.zeros(4, 2))
+
+
+@pytest.mark.parametrize("prior_scale", [1e-4, 0.1, 1e4])
+def test_summed_kl_of_a_large_float32_tensor_near_its_prior_keeps_float32_accuracy(prior_scale):
+    """One million weights whose posterior is within 0.1% of the prior: a KL of about 1.5 nats,
+    the difference of summed terms of about n |log s| (~1e7). Accumulated in float32 the summed
+    form was off by up to 20 nats (665 for a 784-1200-1200-10 network at its prior); in float64 it
+    is as accurate as torch's elementwise KL summed (float64 reference on the same float32 values)."""
+    from torch.distributions import Normal, kl_divergence
+
+    torch.manual_seed(0)
+    n = 1_000_000
+    loc = prior_scale * 1e-3 * torch.randn(n)
+    scale = torch.full((n,), prior_scale) * (1 + 1e-3 * torch.randn(n))
+    q = FactorizedNormal(loc, scale, (n,))
+    p = FactorizedNormal(torch.zeros(()), torch.tensor(prior_scale), (n,))
+    ref = kl_divergence(Normal(loc.double(), scale.double()), Normal(0.0, prior_scale)).sum()
+    elementwise_error = (kl_divergence(Normal(loc, scale), Normal(0.0, prior_scale)).sum() - ref).abs()
+    kl = kl_divergence(q, p)
+    assert kl.dtype == torch.float32
+    assert (kl.double() - ref).abs() < max(0.02, 3 * elementwise_error), (kl.item(), ref.item())

@@ -190,6 +190,16 @@ def test_crps_ensemble_matches_pairwise_form():
     close(crps_ensemble(samples, y), expected, atol=1e-12)
 
 
+def test_crps_ensemble_is_shift_invariant_in_float32():
+    """Samples of spread 0.1 around 1e4 (targets in raw units): float32 CRPS as accurate as for the
+    same samples centred (relative error 6e-3 before: the sorted pair sum was taken uncentred)."""
+    g = gen()
+    samples, y = 0.1 * torch.randn(200, 50, generator=g) + 1e4, 0.1 * torch.randn(50, generator=g) + 1e4
+    want = crps_ensemble(samples.double(), y.double())  # the same float32 values, in float64
+    got = crps_ensemble(samples, y)
+    assert abs(got.item() - want.item()) / want.item() < 1e-4
+
+
 def test_crps_gaussian_matches_ensemble_of_normal_samples():
     # 20k fair-CRPS samples per point: MC std of the mean over 20 points is ~1e-3
     g = gen()

@@ -12,7 +12,7 @@ from torch.distributions.kl import register_kl
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bnnpyro.distributions._shapes import broadcast_shapes
-from bnnpyro.distributions.kl import constant_value, normal_kl_sum, sum_event, sum_squares
+from bnnpyro.distributions.kl import accumulation_dtype, constant_value, normal_kl_sum, sum_event, sum_squares
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 # the draws of every FactorizedNormal (by identity, while they live): real wherever their loc and
@@ -117,11 +117,13 @@ class FactorizedNormal(TorchDistribution):
         return cached
 
     def _compute_sum_log_scale(self) -> Tensor:
+        """In :func:`~bnnpyro.distributions.kl.accumulation_dtype` (float64): the KL's terms cancel."""
+        acc = accumulation_dtype(self.scale)
         if self.scale.numel() == 1:
-            return self.scale.reshape(()).log() * self.event_shape.numel()
+            return self.scale.reshape(()).log().to(acc) * self.event_shape.numel()
         log_scale = self.scale.log()
         k = self.event_dim
-        return sum_event(log_scale.expand(log_scale.shape[: max(log_scale.dim() - k, 0)] + self.event_shape), k)
+        return sum_event(log_scale.expand(log_scale.shape[: max(log_scale.dim() - k, 0)] + self.event_shape), k, acc)
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
         shape = self._extended_shape(sample_shape)
@@ -148,12 +150,12 @@ class FactorizedNormal(TorchDistribution):
         else:
             z = (value - self.loc) / self.scale
             log_p = -0.5 * sum_squares(z, k) - self._sum_log_scale()
-        log_p = log_p - self.event_shape.numel() * _HALF_LOG_2PI
+        log_p = (log_p - self.event_shape.numel() * _HALF_LOG_2PI).to(self.loc.dtype)
         return log_p.expand(broadcast_shapes(value.shape[: value.dim() - k], self.batch_shape))
 
     def entropy(self) -> Tensor:
         n = self.event_shape.numel()
-        return (self._sum_log_scale() + n * (0.5 + _HALF_LOG_2PI)).expand(self.batch_shape)
+        return (self._sum_log_scale() + n * (0.5 + _HALF_LOG_2PI)).to(self.loc.dtype).expand(self.batch_shape)
 
 
 def _normal_params(d: TorchDistribution) -> tuple[Tensor, Tensor] | None:

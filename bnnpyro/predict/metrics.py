@@ -159,7 +159,10 @@ def crps_ensemble(samples: Tensor, y: Tensor, fair: bool = False) -> Tensor:
     if fair and S < 2:
         raise ValueError(f"crps_ensemble(fair=True) needs S >= 2 samples, got shape {tuple(samples.shape)}")
     abs_error = (samples - y).abs().mean(dim=0)
+    # the weights sum to 0, so the pair sum is shift-invariant: centred on each point's median, a
+    # common offset (targets in raw units, 1e4 +- 0.1) does not swamp the spread in float32
     ordered = samples.sort(dim=0).values
+    ordered = ordered - ordered[(S - 1) // 2]
     weights = 2 * torch.arange(1, S + 1, dtype=samples.dtype, device=samples.device) - S - 1
     pair_sum = 2 * (weights[:, None] * ordered).sum(dim=0)  # sum_{s,t} |x_s - x_t|
     spread = pair_sum / (2 * S * (S - 1)) if fair else pair_sum / (2 * S * S)
