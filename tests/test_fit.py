@@ -519,3 +519,15 @@ def test_optim_of_another_type_raises():
     model, guide = make_regression(40)
     with pytest.raises(TypeError, match="optim must be a pyro.optim optimizer or a torch.optim.Optimizer, got dict"):
         fit(model, guide, (x, y), 1, optim={"lr": 1e-2}, progress=False)
+
+
+def test_a_diverging_loss_raises_naming_the_step():
+    """With Pyro's validation off (the README's advice for speed) lr=1e3 made every later loss NaN
+    and fit returned normally; it raises instead, naming the epoch and minibatch."""
+    from bnnpyro.models import BayesianMLPRegressor
+
+    x = torch.randn(40, 2)
+    m = BayesianMLPRegressor(2, hidden=(8,), dataset_size=40)
+    with pyro.validation_enabled(False), pytest.raises(FloatingPointError, match=r"at epoch \d+, minibatch \d+: training diverged"):
+        fit(m.model, m.guide, (x, 1e3 * x.sum(-1)), epochs=50, batch_size=10, seed=0, progress=False,
+            optim=pyro.optim.Adam({"lr": 1e3}))

@@ -269,6 +269,10 @@ def fit(
 
     :param validation_fn: ``validation_fn(epoch) -> float``, lower is better; a NaN never
         improves (and warns).
+
+    A step whose loss is NaN or infinite (training diverged) raises ``FloatingPointError`` naming
+    the epoch and minibatch, instead of training on (with Pyro's validation off, every later step
+    was NaN and ``fit`` returned normally).
     :param int validate_every: validate after every this many epochs. Default 1.
     :param patience: stop after this many validations without improvement
         and restore the best parameters; requires ``validation_fn``.
@@ -343,10 +347,17 @@ def fit(
         for epoch in bar:
             weighted_loss, seen = 0.0, 0
             last_batch: tuple[Tensor, Tensor] | None = None
-            for x_batch, y_batch in batches():
+            for batch, (x_batch, y_batch) in enumerate(batches()):
                 if device is not None:
                     x_batch, y_batch = x_batch.to(device), y_batch.to(device)
-                weighted_loss += step(x_batch, y_batch) * len(x_batch)
+                loss_value = step(x_batch, y_batch)
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(
+                        f"fit: the loss is {loss_value} at epoch {epoch}, minibatch {batch}: training diverged "
+                        "(that step's update may have made parameters non-finite); lower the learning rate, "
+                        "or check the data and the initial scales"
+                    )
+                weighted_loss += loss_value * len(x_batch)
                 seen += len(x_batch)
                 last_batch = x_batch, y_batch
             if last_batch is None:
