@@ -295,6 +295,17 @@ def test_estimator_factory():
         estimator("reparameterization")
 
 
+def _replay_under(handler, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``to_bayesian(module)`` with a fresh AutoNormal: one guide draw replayed through it on ``x``,
+    model and guide under ``handler()``."""
+    pyro.clear_param_store()
+    bnn = to_bayesian(module)
+    guide = AutoNormal(bnn)
+    guide(x)
+    with handler():
+        return poutine.replay(bnn, trace=poutine.trace(guide).get_trace(x))(x)
+
+
 class _Twice(nn.Module):
     """``y = W (W x)``: one weight used by two calls."""
 
@@ -332,26 +343,15 @@ def test_flipout_keeps_each_examples_weight_across_calls():
         def forward(self, x):
             return self.lin(self.lin(x)[:3])
 
-    pyro.clear_param_store()
-    bnn = to_bayesian(Reshaped())
-    guide = AutoNormal(bnn)
-    x = torch.randn(6, 2)
-    guide(x)
     with pytest.raises(ValueError, match="Flipout: one weight draw of shape \\(2, 2\\) is used by a second"):
-        with Flipout():
-            poutine.replay(bnn, trace=poutine.trace(guide).get_trace(x))(x)
+        _replay_under(Flipout, Reshaped(), torch.randn(6, 2))
 
 
 def test_local_reparameterization_refuses_a_weight_used_twice():
     """Independent pre-activation noise per call is another model than one shared draw: refused,
     pointing to Flipout."""
-    bnn = to_bayesian(_Twice(3))
-    guide = AutoNormal(bnn)
-    x = torch.randn(4, 3)
-    guide(x)
     with pytest.raises(ValueError, match="LocalReparameterization: one weight draw .* Use Flipout"):
-        with LocalReparameterization():
-            poutine.replay(bnn, trace=poutine.trace(guide).get_trace(x))(x)
+        _replay_under(LocalReparameterization, _Twice(3), torch.randn(4, 3))
 
 
 @pytest.mark.parametrize("handler", [Flipout, LocalReparameterization])

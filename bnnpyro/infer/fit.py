@@ -371,7 +371,8 @@ def fit(
             history.kl.append(kl.item() / num_data)
             postfix = {"elbo": -history.loss[-1], "nll": history.nll[-1], "kl": history.kl[-1]}
 
-            if validation_fn is not None and (epoch + 1) % validate_every == 0:
+            validates = validation_fn is not None and (epoch + 1) % validate_every == 0
+            if validates:
                 value = float(validation_fn(epoch))
                 if math.isnan(value):
                     warnings.warn(f"validation_fn returned NaN after epoch {epoch}: it never counts as an "
@@ -389,7 +390,7 @@ def fit(
                     optim.step()
                 elif validation_fn is None:
                     optim.step(history.loss[-1])
-                elif (epoch + 1) % validate_every == 0:  # one metric only: not the loss in between
+                elif validates:  # one metric only: not the loss in between
                     optim.step(history.validation[-1])
             bar.set_postfix(postfix)
             if patience is not None and stale >= patience and epoch + 1 < epochs:
