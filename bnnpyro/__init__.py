@@ -4,7 +4,7 @@ from bnnpyro import data, distributions, infer, models, predict
 from bnnpyro.distributions import HiddenLayer
 from bnnpyro.infer import fit
 from bnnpyro.predict import sample_predictive
-from bnnpyro.serialization import load, save
+from bnnpyro.serialization import load, load_optim_state, save
 
 __version__ = "0.1.0"
 
@@ -15,6 +15,7 @@ __all__ = [
     "fit",
     "infer",
     "load",
+    "load_optim_state",
     "models",
     "predict",
     "sample_predictive",

@@ -9,6 +9,7 @@ from typing import Any
 import pyro
 import torch
 from pyro.infer import autoguide as pyro_autoguide
+from pyro.optim import PyroLRScheduler, PyroOptim
 from torch import nn
 
 from bnnpyro.nn.param_names import new_param_prefix
@@ -88,7 +89,63 @@ def _dummy_batch(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return x, like.new_zeros(1) if model.out_features == 1 else like.new_zeros(1, model.out_features)
 
 
-def save(path: str | os.PathLike, model: nn.Module, guide: nn.Module | None = None) -> None:
+def _optim_kind(optim: object) -> str:
+    """``optim`` named by its kind and classes, e.g. ``"pyro Adam"``, ``"pyro ExponentialLR(SGD)"``,
+    ``"torch Adam"``."""
+    if isinstance(optim, PyroLRScheduler):
+        return f"pyro {optim.pt_scheduler_constructor.__name__}({optim.pt_optim_constructor.__name__})"
+    if isinstance(optim, PyroOptim):
+        return f"pyro {getattr(optim.pt_optim_constructor, '__name__', type(optim).__name__)}"
+    if isinstance(optim, torch.optim.Optimizer):
+        return f"torch {type(optim).__name__}"
+    raise TypeError(f"optim must be a pyro.optim optimizer or a torch.optim.Optimizer, got {type(optim).__name__}")
+
+
+def _named_parameters(model: nn.Module, guide: nn.Module | None) -> dict[str, torch.Tensor]:
+    """The parameters of ``model`` and ``guide``, keyed ``"model.<path>"`` and ``"guide.<path>"``:
+    names that do not depend on the param-store names a process gives them."""
+    named = {f"model.{k}": p for k, p in model.named_parameters()}
+    if guide is not None:
+        named.update({f"guide.{k}": p for k, p in guide.named_parameters()})
+    return named
+
+
+def _optim_state(optim: object, model: nn.Module, guide: nn.Module | None) -> dict[str, Any]:
+    """
+    ``optim``'s state for the parameters of ``model`` and ``guide``. A torch optimizer's
+    ``state_dict()`` as is (it refers to the parameters by position). A Pyro optimizer holds one
+    torch optimizer per parameter, keyed by the parameter's name in Pyro's param store, which a
+    loaded model does not keep (each instance gets a name of its own): its states are re-keyed by
+    the parameters' paths in the model and guide (:func:`_named_parameters`).
+    """
+    kind = _optim_kind(optim)
+    if isinstance(optim, torch.optim.Optimizer):
+        return {"kind": kind, "state": optim.state_dict()}
+    store, states = pyro.get_param_store(), optim.get_state()
+    by_path = {path: states[name] for path, p in _named_parameters(model, guide).items()
+               if (name := store.param_name(p)) is not None and name in states}
+    if not by_path:
+        raise ValueError("optim holds no state for the parameters of this model and guide: pass the optimizer "
+                         "that trained them (after at least one step)")
+    return {"kind": kind, "state": by_path}
+
+
+def _register_in_param_store(model: nn.Module, guide: nn.Module | None) -> None:
+    """Make Pyro's param store name every parameter of ``model`` and ``guide``, as their first use
+    in training does: a catalogue model registers itself with ``pyro.module``; a
+    :class:`~pyro.nn.PyroModule` (a BayesianMLP, an autoguide: already run) on one forward."""
+    if not isinstance(model, pyro.nn.PyroModule):
+        pyro.module(model._pyro_name, model)
+        return
+    x, y = _dummy_batch(model)
+    with pyro.poutine.block(), torch.no_grad(), _own_rng():
+        if guide is None:
+            model(x, y)
+        else:
+            pyro.poutine.replay(model, trace=pyro.poutine.trace(guide).get_trace(x, y))(x, y)
+
+
+def save(path: str | os.PathLike, model: nn.Module, guide: nn.Module | None = None, *, optim: object = None) -> None:
     """
     Write ``model`` (its configuration, prior and learned parameters) and, for the autoguide
     track, ``guide`` (its class, configuration and parameters) to one file at ``path``.
@@ -97,14 +154,17 @@ def save(path: str | os.PathLike, model: nn.Module, guide: nn.Module | None = No
         live in the model) or a :class:`bnnpyro.nn.BayesianMLP`.
     :param guide: the autoguide trained for ``model`` (``AnalyticAutoNormal``, ``AutoNormal``,
         ``AutoDiagonalNormal`` or ``AutoLowRankMultivariateNormal``), or ``None``.
+    :param optim: the optimizer training them, to resume training exactly
+        (:func:`load_optim_state`): a Pyro optimizer (``pyro.optim.Adam``, a ``pyro.optim`` learning-rate
+        scheduler, ...; its state for these parameters only) or a ``torch.optim.Optimizer``.
 
     The file holds only tensors, strings, numbers and lists, so it loads with
     ``torch.load(path, weights_only=True)``. It records the model's floating-point dtype, and
     :func:`load` rebuilds the model in it (a float64 model comes back float64, bit for bit).
 
-    :raises TypeError: ``model`` or ``guide`` is not of a supported class.
+    :raises TypeError: ``model``, ``guide`` or ``optim`` is not of a supported class.
     :raises ValueError: the model was built with a callable ``non_linearity``, its tensors mix
-        dtypes, or the guide has not been run yet.
+        dtypes, the guide has not been run yet, or a Pyro ``optim`` holds no state for them.
     """
     name = type(model).__name__
     if name not in _model_classes() or not hasattr(model, "config"):
@@ -131,7 +191,20 @@ def save(path: str | os.PathLike, model: nn.Module, guide: nn.Module | None = No
         payload["guide_class"] = guide_name
         payload["guide_config"] = _guide_config(guide)
         payload["guide_state"] = {k: v.detach().cpu() for k, v in guide.state_dict().items()}
+    if optim is not None:
+        payload["optim"] = _to_cpu(_optim_state(optim, model, guide))
     torch.save(payload, path)
+
+
+def _to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor in its dicts, lists and tuples detached and moved to the CPU."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _own_rng() -> contextlib.AbstractContextManager:
@@ -153,17 +226,8 @@ def _default_dtype(dtype: torch.dtype | None):
         torch.set_default_dtype(previous)
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device | None = None):
-    """
-    Read a file written by :func:`save`. Returns the model, or ``(model, guide)`` when a guide was
-    saved. Nothing touches Pyro's global param store until the returned objects are used (each
-    gets a param-store name of its own), so loaded models never clash with each other or with
-    models already in the process; training resumes with a new ``SVI`` on them. The model is rebuilt
-    in its saved dtype, and loading draws nothing from the caller's random number stream.
-
-    :raises ValueError: if the file is not a bnnpyro checkpoint, is corrupted, or its parameters
-        do not match its configuration. Nothing is returned half-loaded.
-    """
+def _read(path: str | os.PathLike, map_location: str | torch.device | None = None) -> dict[str, Any]:
+    """The checked payload of a file written by :func:`save`."""
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -174,6 +238,24 @@ def load(path: str | os.PathLike, map_location: str | torch.device | None = None
         raise ValueError(f"{os.fspath(path)!r} is not a bnnpyro checkpoint")
     if payload.get("version") != FORMAT_VERSION:
         raise ValueError(f"unsupported checkpoint version {payload.get('version')!r}; expected {FORMAT_VERSION}")
+    return payload
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device | None = None):
+    """
+    Read a file written by :func:`save`. Returns the model, or ``(model, guide)`` when a guide was
+    saved. Nothing touches Pyro's global param store until the returned objects are used (each
+    gets a param-store name of its own), so loaded models never clash with each other or with
+    models already in the process; training resumes with a new ``SVI`` on them. The model is rebuilt
+    in its saved dtype, and loading draws nothing from the caller's random number stream.
+
+    To resume training exactly, save the optimizer too (:func:`save`'s ``optim``) and restore
+    it with :func:`load_optim_state`.
+
+    :raises ValueError: if the file is not a bnnpyro checkpoint, is corrupted, or its parameters
+        do not match its configuration. Nothing is returned half-loaded.
+    """
+    payload = _read(path, map_location)
     classes = _model_classes()
     if payload.get("model_class") not in classes:
         raise ValueError(f"unknown model class {payload.get('model_class')!r} in {os.fspath(path)!r}")
@@ -206,3 +288,52 @@ def load(path: str | os.PathLike, map_location: str | torch.device | None = None
     except (TypeError, RuntimeError, KeyError) as e:
         raise ValueError(f"checkpoint {os.fspath(path)!r}: guide parameters do not match the model: {e}") from e
     return model, guide
+
+
+def load_optim_state(path: str | os.PathLike, optim: object, model: nn.Module, guide: nn.Module | None = None) -> None:
+    """
+    Load the optimizer state saved with :func:`save`'s ``optim`` into ``optim``, a new optimizer
+    of the same kind for ``model`` and ``guide`` as :func:`load` returned them, so that training
+    continues as the uninterrupted run would (bit for bit when the RNG state is restored too:
+    save ``torch.get_rng_state()`` beside the checkpoint)::
+
+        bnnpyro.save("m.pt", m, optim=optim)          # optim = pyro.optim.Adam({"lr": 1e-2})
+        # later, in any process
+        m = bnnpyro.load("m.pt")
+        optim = pyro.optim.Adam({"lr": 1e-2})
+        bnnpyro.load_optim_state("m.pt", optim, m)
+        fit(m.model, m.guide, (x, y), optim=optim)    # or SVI(m.model, m.guide, optim, loss)
+
+    A Pyro optimizer keeps each parameter's state under its name in Pyro's param store, and a
+    loaded model's parameters have new names: the states are handed over under the new ones
+    (``optim.set_state``), which registers the parameters in the param store, and each is taken
+    when ``optim`` first steps its parameter. A torch optimizer must be built over the loaded
+    ``model.parameters()`` (and then ``guide.parameters()``) in the original's order.
+
+    :raises ValueError: if the file holds no optimizer state, one of another kind than ``optim``,
+        or one for another model (class or configuration), or ``guide`` is missing or extra.
+    :raises TypeError: if ``optim`` is neither a Pyro nor a torch optimizer.
+    """
+    kind = _optim_kind(optim)
+    payload, where = _read(path), os.fspath(path)
+    saved = payload.get("optim")
+    if saved is None:
+        raise ValueError(f"checkpoint {where!r} holds no optimizer state: save it with bnnpyro.save(..., optim=optim)")
+    if kind != saved["kind"]:
+        raise ValueError(f"checkpoint {where!r} holds the state of a {saved['kind']} optimizer, but optim is a {kind}")
+    if type(model).__name__ != payload["model_class"] or getattr(model, "config", None) != payload["config"]:
+        raise ValueError(f"checkpoint {where!r} was saved for a {payload['model_class']} with configuration "
+                         f"{payload['config']}: load that model with bnnpyro.load and pass it")
+    if (guide is None) != (payload.get("guide_class") is None):
+        expected = "no guide" if payload.get("guide_class") is None else f"its {payload['guide_class']} guide"
+        raise ValueError(f"checkpoint {where!r} was saved with {expected}: pass guide accordingly")
+    if isinstance(optim, torch.optim.Optimizer):
+        optim.load_state_dict(saved["state"])
+        return
+    named = _named_parameters(model, guide)
+    unknown = sorted(set(saved["state"]) - set(named))
+    if unknown:
+        raise ValueError(f"checkpoint {where!r}: optimizer state for parameters {unknown} that the model and guide lack")
+    _register_in_param_store(model, guide)
+    store = pyro.get_param_store()
+    optim.set_state({store.param_name(named[k]): state for k, state in saved["state"].items()})

@@ -295,6 +295,116 @@ def test_resume_with_the_optimizer_state_is_exact(tmp_path):
         torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
 
 
+def _pyro_exponential_lr():
+    return pyro.optim.ExponentialLR({"optimizer": torch.optim.Adam, "optim_args": {"lr": 1e-2}, "gamma": 0.7})
+
+
+def _resume_case(case):
+    """(make model and guide, make optimizer over them) for one kind of training run."""
+    from pyro.infer.autoguide import AutoLowRankMultivariateNormal
+
+    from bnnpyro.infer import AnalyticAutoNormal
+    from bnnpyro.nn import BayesianMLP
+
+    if case == "hand, pyro Adam":
+        return (lambda: (BayesianMLPRegressor(2, hidden=(8,), dataset_size=50), None),
+                lambda m, g: pyro.optim.Adam({"lr": 1e-2}))
+    if case == "hand, torch Adam":
+        return (lambda: (BayesianMLPRegressor(2, hidden=(8,), dataset_size=50), None),
+                lambda m, g: torch.optim.Adam(m.parameters(), lr=1e-2))
+    guide_class = AnalyticAutoNormal if case == "AnalyticAutoNormal, pyro ExponentialLR" else AutoLowRankMultivariateNormal
+
+    def make():
+        net = BayesianMLP(2, 1, hidden=(8,), dataset_size=50)
+        return net, guide_class(net, init_scale=0.1)
+
+    return make, lambda m, g: _pyro_exponential_lr()
+
+
+def _params_of(m, g) -> dict:
+    return {**m.state_dict(), **({} if g is None else {f"guide.{k}": v for k, v in g.state_dict().items()})}
+
+
+@pytest.mark.parametrize("case", ["hand, pyro Adam", "hand, torch Adam", "AnalyticAutoNormal, pyro ExponentialLR",
+                                  "AutoLowRankMultivariateNormal, pyro ExponentialLR"])
+def test_save_with_the_optimizer_and_load_optim_state_resume_exactly(tmp_path, case):
+    """bnnpyro.save(..., optim=) and bnnpyro.load_optim_state carry a Pyro or torch optimizer's
+    state (Adam's moments and step counts, a scheduler's epoch and rate), although a loaded model's
+    parameters have new param-store names: 3 epochs, save, 3 more epochs equals 3 epochs, save,
+    load, a new optimizer given the saved state, 3 more epochs, bit for bit; without the optimizer
+    state it does not."""
+    x = torch.randn(50, 2)
+    y = x @ torch.tensor([1.0, -1.0])
+    make, make_optim = _resume_case(case)
+    kwargs = dict(epochs=3, batch_size=10, progress=False)
+
+    def train(m, g, optim, **extra):
+        fit(*((m.model, m.guide) if g is None else (m, g)), (x, y), optim=optim, **kwargs, **extra)
+
+    pyro.set_rng_seed(0)
+    m, g = make()
+    optim = make_optim(m, g)
+    train(m, g, optim, seed=0)
+    bnnpyro.save(tmp_path / "m.pt", m, g, optim=optim)
+    rng = torch.get_rng_state()
+    train(m, g, optim)  # uninterrupted: 3 more epochs
+    expected = _params_of(m, g)
+
+    def resume(with_state: bool) -> dict:
+        loaded = bnnpyro.load(tmp_path / "m.pt")
+        m2, g2 = (loaded, None) if g is None else loaded
+        optim = make_optim(m2, g2)
+        if with_state:
+            bnnpyro.load_optim_state(tmp_path / "m.pt", optim, m2, g2)
+        torch.set_rng_state(rng)
+        train(m2, g2, optim)
+        return _params_of(m2, g2)
+
+    resumed = resume(with_state=True)
+    assert resumed.keys() == expected.keys()
+    for k, v in expected.items():
+        torch.testing.assert_close(resumed[k], v, rtol=0, atol=0, msg=k)
+    fresh = resume(with_state=False)
+    assert any(not torch.equal(fresh[k], v) for k, v in expected.items())
+
+
+def test_optimizer_state_errors(tmp_path):
+    x = torch.randn(20, 2)
+    m = BayesianMLPRegressor(2, hidden=(4,), dataset_size=20)
+    other = BayesianMLPRegressor(2, hidden=(4,), dataset_size=20)
+    optim = pyro.optim.Adam({"lr": 1e-2})
+    with pytest.raises(ValueError, match="holds no state for the parameters of this model"):
+        bnnpyro.save(tmp_path / "m.pt", m, optim=optim)  # never stepped
+    fit(other.model, other.guide, (x, x.sum(-1)), epochs=1, optim=optim, progress=False)
+    with pytest.raises(ValueError, match="holds no state for the parameters of this model"):
+        bnnpyro.save(tmp_path / "m.pt", m, optim=optim)  # stepped another model only
+    with pytest.raises(TypeError, match="optim must be a pyro.optim optimizer or a torch.optim.Optimizer"):
+        bnnpyro.save(tmp_path / "m.pt", m, optim={"lr": 1e-2})
+    fit(m.model, m.guide, (x, x.sum(-1)), epochs=1, optim=optim, progress=False)
+    bnnpyro.save(tmp_path / "m.pt", m, optim=optim)
+    saved = torch.load(tmp_path / "m.pt", weights_only=True)["optim"]
+    assert saved["kind"] == "pyro Adam" and sorted(saved["state"]) == sorted(f"model.{k}" for k, _ in m.named_parameters())
+    bnnpyro.save(tmp_path / "no_optim.pt", m)
+    loaded = bnnpyro.load(tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="holds no optimizer state"):
+        bnnpyro.load_optim_state(tmp_path / "no_optim.pt", pyro.optim.Adam({"lr": 1e-2}), loaded)
+    with pytest.raises(ValueError, match="state of a pyro Adam optimizer, but optim is a pyro SGD"):
+        bnnpyro.load_optim_state(tmp_path / "m.pt", pyro.optim.SGD({"lr": 1e-2}), loaded)
+    with pytest.raises(ValueError, match="state of a pyro Adam optimizer, but optim is a torch Adam"):
+        bnnpyro.load_optim_state(tmp_path / "m.pt", torch.optim.Adam(loaded.parameters()), loaded)
+    with pytest.raises(ValueError, match="saved for a BayesianMLPRegressor with configuration"):
+        bnnpyro.load_optim_state(tmp_path / "m.pt", pyro.optim.Adam({"lr": 1e-2}),
+                                 BayesianMLPRegressor(2, hidden=(5,), dataset_size=20))
+    with pytest.raises(ValueError, match="saved with no guide"):
+        bnnpyro.load_optim_state(tmp_path / "m.pt", pyro.optim.Adam({"lr": 1e-2}), loaded, guide=loaded.guide)
+    # a torch optimizer over other parameters: torch's own check
+    torch_optim = torch.optim.Adam(m.parameters())
+    fit(m.model, m.guide, (x, x.sum(-1)), epochs=1, optim=torch_optim, progress=False)
+    bnnpyro.save(tmp_path / "t.pt", m, optim=torch_optim)
+    with pytest.raises(ValueError, match="parameter group"):
+        bnnpyro.load_optim_state(tmp_path / "t.pt", torch.optim.Adam(list(loaded.parameters())[:1]), loaded)
+
+
 @pytest.mark.parametrize("prior_scale", [0.2, "fan_in"])
 def test_float64_model_loads_with_its_float64_prior_and_leaves_the_rng_alone(tmp_path, prior_scale):
     """A float64 BayesianMLP is rebuilt in float64 (its prior scales are buffers that are not saved:
