@@ -133,6 +133,23 @@ def _worker(rank: int, port: int, out: str) -> None:
         record["kl_history"] = (history.loss, history.nll, history.kl)
         record["kl_fit"] = m.kl().item()
         record["after_fit_draw"] = torch.randn(4)  # seeded seed + rank; both ranks drew as many numbers
+
+        # a loss that turns NaN on rank 1 only (its third step): every rank raises, none waits forever
+        pyro.clear_param_store()
+        m = BayesianMLPRegressor(D, hidden=(H,), dataset_size=N)
+        calls = [0]
+
+        def diverging_model(x, y=None):
+            calls[0] += 1
+            if rank == 1 and calls[0] >= 3:
+                pyro.factor("diverged", x.new_tensor(float("nan")))
+            return m.model(x, y)
+
+        try:
+            with pyro.validation_enabled(False):
+                fit_distributed(diverging_model, m.guide, (x, y), epochs=2, batch_size=10, seed=5, progress=False)
+        except FloatingPointError as e:
+            record["diverged"] = str(e)
         torch.save(record, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -245,6 +262,15 @@ def test_fit_distributed_history_and_checkpoint(runs):
     state = torch.cat([p.detach().reshape(-1) for _, p in sorted(loaded.named_parameters())])
     # the param store names are the module's parameter names behind a prefix: same sorted order
     torch.testing.assert_close(state.double(), r0["fit_params"], rtol=1e-6, atol=1e-7)
+
+
+def test_fit_distributed_raises_on_every_rank_when_one_ranks_loss_turns_nan(runs):
+    """Rank 1's third model call (its second step: the first step traces the model twice to adopt
+    the new parameters) adds a NaN factor; the all-reduced loss is NaN on both ranks, so both
+    raise at epoch 0, minibatch 1."""
+    records, _ = runs
+    for r in records:
+        assert "at epoch 0, minibatch 1: training diverged on some rank" in r["diverged"]
 
 
 def test_fit_distributed_checkpoint_needs_model():

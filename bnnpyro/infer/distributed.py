@@ -52,6 +52,7 @@ ranks draw independent noise for their rows.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable
 
@@ -232,6 +233,8 @@ def fit_distributed(
     :param checkpoint: path written by rank 0 after every epoch; needs ``checkpoint_model``.
     :param checkpoint_model: the catalogue model or :class:`bnnpyro.nn.BayesianMLP` to save.
     :param device: every shard is moved to it (e.g. ``f"cuda:{local_rank}"`` with nccl).
+    :raises FloatingPointError: on every rank at once, when a step's global loss (all-reduced, so
+        the same on all ranks) is NaN or infinite, naming the epoch and minibatch.
     """
     _check_positive_int("epochs", epochs)
     if not isinstance(data, (tuple, list)) or len(data) != 2:
@@ -255,15 +258,22 @@ def fit_distributed(
     svi = DistributedSVI(model, guide, optim_args, loss)
     history = FitHistory()
     with tqdm(range(epochs), desc="fit_distributed", unit="epoch", disable=not progress or rank != 0) as bar:
-        for _ in bar:
+        for epoch in bar:
             order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
             weighted = 0.0
-            for idx in order.split(batch):
+            for minibatch, idx in enumerate(order.split(batch)):
                 rows = shard(idx, rank, world_size)
                 xs, ys = x[rows], y[rows]
                 if device is not None:
                     xs, ys = xs.to(device), ys.to(device)
-                weighted += svi.step(xs, ys) * len(idx)
+                loss_value = svi.step(xs, ys)
+                if not math.isfinite(loss_value):  # the all-reduced loss: every rank raises here together
+                    raise FloatingPointError(
+                        f"fit_distributed: the global loss is {loss_value} at epoch {epoch}, minibatch {minibatch}: "
+                        "training diverged on some rank (that step's update may have made parameters non-finite); "
+                        "lower the learning rate, or check the data and the initial scales"
+                    )
+                weighted += loss_value * len(idx)
             nll, kl = (_reduce_terms(model, guide, xs, ys, len(idx)) / len(x)).tolist()
             history.loss.append(weighted / len(x) / len(x))
             history.nll.append(nll)
