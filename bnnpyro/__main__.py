@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--plot", default="bnnpyro_predictions.png",
                         help="where to write the predicted-vs-true plot ('' to skip)")
+    parser.add_argument("--save", default="",
+                        help="write the trained model (and autoguide) with its optimizer state to this file "
+                             "(bnnpyro.save; read back with bnnpyro.load, resume with bnnpyro.load_optim_state)")
     parser.add_argument("--jit", action="store_true",
                         help="compile the loss (bnnpyro.infer.JitTraceMeanField_ELBO): about half the "
                              "time per step of the default 1x50 network")
@@ -98,14 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _build(args, d, N):
-    """Returns (model, guide, mean_and_scale) for the chosen guide."""
+    """Returns (model, guide, mean_and_scale, to_save) for the chosen guide; ``to_save`` are the
+    arguments of :func:`bnnpyro.save` after the path: (model object, autoguide or None)."""
     in_features = d.x_train.shape[1]
     if args.guide == "hand":
         from bnnpyro.models import BayesianMLPRegressor
 
         m = BayesianMLPRegressor(in_features, hidden=args.hidden, dataset_size=N,
                                  prior_scale=args.prior_scale).to(args.device)
-        return m.model, m.guide, m.mean_and_scale
+        return m.model, m.guide, m.mean_and_scale, (m, None)
     from pyro.infer.autoguide import AutoLowRankMultivariateNormal
 
     from bnnpyro.infer import AnalyticAutoNormal
@@ -118,7 +122,8 @@ def _build(args, d, N):
         guide = AnalyticAutoNormal(net, init_scale=1e-2)
     else:
         guide = AutoLowRankMultivariateNormal(net, init_scale=1e-2)
-    return net, make_unique(guide), net.mean_and_scale
+    guide = make_unique(guide)
+    return net, guide, net.mean_and_scale, (net, guide)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,21 +147,27 @@ def main(argv: list[str] | None = None) -> int:
         torch.empty(0, device=dev)  # an unavailable device fails here, not after loading the data
     except (FileNotFoundError, ValueError, RuntimeError, AssertionError) as e:  # bad --data, --split, --device
         parser.error(f"{e}" if str(e) else f"device {args.device!r} is not available")
-    plot_dir = os.path.dirname(args.plot)
-    if args.plot and plot_dir and not os.path.isdir(plot_dir):  # found now, not after training
-        parser.error(f"--plot: folder {plot_dir!r} does not exist")
+    for option, path in (("--plot", args.plot), ("--save", args.save)):
+        folder = os.path.dirname(path)
+        if path and folder and not os.path.isdir(folder):  # found now, not after training
+            parser.error(f"{option}: folder {folder!r} does not exist")
     x_train, y_train = d.x_train.to(dev), d.y_train.to(dev)
     x_test, y_test = d.x_test.to(dev), d.y_test.to(dev)
     N = len(x_train)
     print(f"bnnpyro: {d.name} split {d.split}: {N} train / {len(x_test)} test points, "
           f"{x_train.shape[1]} features; guide={args.guide}, hidden={args.hidden}, epochs={args.epochs}")
-    model, guide, mean_and_scale = _build(args, d, N)
+    model, guide, mean_and_scale, to_save = _build(args, d, N)
+    optim = pyro.optim.Adam({"lr": args.lr})
     t0 = time.perf_counter()
     fit(model, guide, (x_train, y_train), epochs=args.epochs, batch_size=args.batch_size,
-        optim=pyro.optim.Adam({"lr": args.lr}), loss=JitTraceMeanField_ELBO() if args.jit else TraceMeanField_ELBO(),
+        optim=optim, loss=JitTraceMeanField_ELBO() if args.jit else TraceMeanField_ELBO(),
         seed=args.seed,
         progress=not args.no_progress)
     train_time = time.perf_counter() - t0
+    if args.save:
+        from bnnpyro.serialization import save
+
+        save(args.save, *to_save, optim=optim)
     f = sample_predictive(model, guide, x_test, args.num_samples)["f"]
     with torch.no_grad():
         mean_samples, noise = mean_and_scale(f)
@@ -177,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         ax.figure.savefig(args.plot, dpi=120, bbox_inches="tight")
         plt.close(ax.figure)
         print(f"wrote {args.plot}")
+    if args.save:
+        print(f"wrote {args.save}")
     return 0
 
 
