@@ -244,9 +244,10 @@ def _read(path: str | os.PathLike, map_location: str | torch.device | None = Non
 def load(path: str | os.PathLike, map_location: str | torch.device | None = None):
     """
     Read a file written by :func:`save`. Returns the model, or ``(model, guide)`` when a guide was
-    saved. Nothing touches Pyro's global param store until the returned objects are used (each
-    gets a param-store name of its own), so loaded models never clash with each other or with
-    models already in the process; training resumes with a new ``SVI`` on them. The model is rebuilt
+    saved. Each gets a param-store name of its own, so loaded models never clash with each other or with
+    models already in the process; training resumes with a new ``SVI`` on them. (Building an
+    autoguide's parameters runs the model and guide once on a dummy batch, which registers their
+    parameters in the param store under those fresh names.) The model is rebuilt
     in its saved dtype, and loading draws nothing from the caller's random number stream.
 
     To resume training exactly, save the optimizer too (:func:`save`'s ``optim``) and restore
@@ -277,8 +278,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device | None = None
         return model
     if payload["guide_class"] not in _GUIDE_CLASSES:
         raise ValueError(f"unknown guide class {payload['guide_class']!r}")
-    guide = make_unique(_guide_class(payload["guide_class"])(model, **payload["guide_config"]))
     try:
+        guide = make_unique(_guide_class(payload["guide_class"])(model, **payload["guide_config"]))
         # build the guide's parameters from one dummy forward of the model, then overwrite them
         x, y = _dummy_batch(model)
         with pyro.poutine.block(), torch.no_grad(), _own_rng():

@@ -318,6 +318,47 @@ def test_restoring_the_best_params_reaches_the_modules(kind):
     assert all(torch.equal(module.state_dict()[k], seen[1][k]) for k in state)
 
 
+def test_restoring_the_best_params_restores_the_modules_buffers():
+    """Early stopping restores the buffers of a model that is a bound method of a module too: a
+    converted network's BatchNorm running statistics are the best epoch's, not the last one's,
+    like its weights."""
+    from pyro.infer import Trace_ELBO
+    from pyro.infer.autoguide import AutoNormal
+
+    from bnnpyro.nn import to_bayesian
+    from bnnpyro.serialization import make_unique
+
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = to_bayesian(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
+                                                       torch.nn.ReLU(), torch.nn.Linear(4, 2)))
+
+        def model(self, x, y=None):
+            logits = self.net(x)
+            with pyro.plate("data", 32, subsample=torch.arange(len(x))):
+                pyro.sample("y", dist.Categorical(logits=logits), obs=y)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3), torch.randint(0, 2, (32,))
+    c = Classifier()
+    guide = make_unique(AutoNormal(c.model))
+    seen = {}
+
+    def validation_fn(epoch):
+        seen[epoch] = {k: v.clone() for k, v in c.state_dict().items()}
+        return float(epoch)  # epoch 0 is the best
+
+    history = fit(c.model, guide, (x, y), 5, batch_size=8, loss=Trace_ELBO(), validation_fn=validation_fn,
+                  patience=2, progress=False, seed=0)
+    assert history.stopped_early and history.best_epoch == 0
+    state = c.state_dict()
+    assert {"net.1.running_mean", "net.1.running_var", "net.1.num_batches_tracked"} <= state.keys()
+    assert not torch.equal(seen[2]["net.1.running_mean"], seen[0]["net.1.running_mean"])
+    for k, v in state.items():
+        torch.testing.assert_close(v, seen[0][k], rtol=0, atol=0, msg=k)
+
+
 def test_validation_without_patience_only_records():
     x, y = _regression_data()
     model, guide = make_regression(N)

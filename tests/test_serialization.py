@@ -1,5 +1,7 @@
 """save/load: exact round trip, no interference between models, clear errors, resumable."""
 
+import math
+
 import pyro
 import pytest
 import torch
@@ -261,6 +263,7 @@ def test_tampered_checkpoints_raise_value_errors(tmp_path):
     tampered(lambda p: p.update(version=2), "unsupported checkpoint version 2")
     tampered(lambda p: p.update(model_class="Sequential"), "unknown model class 'Sequential'")
     tampered(lambda p: p.update(guide_class="AutoDelta"), "unknown guide class 'AutoDelta'")
+    tampered(lambda p: p.update(guide_config={"rank": 3}), "guide parameters do not match the model.*'rank'")
     first = lambda d: next(iter(d))  # noqa: E731
     tampered(lambda p: p["model_state"].pop(first(p["model_state"])), "does not match its model configuration")
     tampered(lambda p: p["guide_state"].pop(first(p["guide_state"])), "guide parameters do not match")
@@ -405,23 +408,30 @@ def test_optimizer_state_errors(tmp_path):
         bnnpyro.load_optim_state(tmp_path / "t.pt", torch.optim.Adam(list(loaded.parameters())[:1]), loaded)
 
 
+@pytest.mark.parametrize("made", ["built float64", "cast to float64"])
 @pytest.mark.parametrize("prior_scale", [0.2, "fan_in"])
-def test_float64_model_loads_with_its_float64_prior_and_leaves_the_rng_alone(tmp_path, prior_scale):
-    """A float64 BayesianMLP is rebuilt in float64 (its prior scales are buffers that are not saved:
-    built in float32, then cast, 0.2 came back 0.20000000298), so the loss is bit for bit the same;
-    loading draws nothing from the caller's RNG stream."""
+def test_float64_model_loads_with_its_float64_prior_and_leaves_the_rng_alone(tmp_path, prior_scale, made):
+    """A float64 BayesianMLP, built so or cast, has the prior's exact float64 values (they are not
+    saved: as float32 buffers, cast or loaded, 0.2 had become 0.20000000298 and the loss differed),
+    so the loaded model's loss is bit for bit the original's; loading draws nothing from the
+    caller's RNG stream."""
     from bnnpyro.infer import AnalyticAutoNormal
     from bnnpyro.nn import BayesianMLP
 
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
-    net = BayesianMLP(3, 1, hidden=(4,), prior_scale=prior_scale, dtype=torch.float64)
+    if made == "built float64":
+        net = BayesianMLP(3, 1, hidden=(4,), prior_scale=prior_scale, dtype=torch.float64)
+    else:
+        net = BayesianMLP(3, 1, hidden=(4,), prior_scale=prior_scale).double()
     guide = AnalyticAutoNormal(net)
     guide(x, y)
     bnnpyro.save(tmp_path / "m.pt", net, guide)
     rng = torch.get_rng_state()
     net2, guide2 = bnnpyro.load(tmp_path / "m.pt")
     assert torch.equal(torch.get_rng_state(), rng) and torch.get_default_dtype() == torch.float32
-    assert net2.layers[0]._prior_scale.item() == net.layers[0]._prior_scale.item()
+    exact = 0.2 if prior_scale == 0.2 else 1 / math.sqrt(3)  # the fan_in rule
+    for n in (net, net2):
+        assert [p.item() for p in n.layers[0]._prior_params()] == [0.0, exact]
     losses = []
     for n, g in ((net, guide), (net2, guide2)):
         pyro.set_rng_seed(0)
@@ -439,6 +449,32 @@ def _trains(model, guide, x, y, *modules):
     for _ in range(5):
         svi.step(x, y)
     return not torch.equal(before, params())
+
+
+@pytest.mark.parametrize("kind", ["catalogue", "BayesianMLP"])
+def test_load_state_dict_with_assign_trains_and_uses_the_assigned_tensors(kind):
+    """``load_state_dict(..., assign=True)`` replaces the parameters by new tensors; the module then
+    takes a new param-store name. Under the old one Pyro's store kept the replaced tensors: SVI
+    stepped those (a catalogue model never trained again), or a PyroModule copied them back over
+    the loaded values on its next call."""
+    from bnnpyro.infer import AnalyticAutoNormal
+    from bnnpyro.nn import BayesianMLP
+
+    x, y = torch.randn(20, 3), torch.randn(20)
+    if kind == "catalogue":
+        m = BayesianMLPRegressor(3, hidden=(4,), dataset_size=20)
+        model, guide = m.model, m.guide
+    else:
+        m = model = BayesianMLP(3, 1, hidden=(4,), dataset_size=20)
+        guide = AnalyticAutoNormal(m)
+    assert _trains(model, guide, x, y, m)
+    loaded = {k: v + 1.0 for k, v in m.state_dict().items()}
+    m.load_state_dict(loaded, assign=True)
+    with torch.no_grad():
+        poutine.trace(model).get_trace(x, y)  # a call under the new name keeps the assigned values
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, loaded[k]), k
+    assert _trains(model, guide, x, y, m)
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])

@@ -95,13 +95,26 @@ def _loader_batches(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
         yield x, y
 
 
-def _snapshot_param_store() -> dict:
-    """A copy of the param store's state that later training does not modify."""
+def _modules_of(*fns: Callable[..., Any]) -> list[torch.nn.Module]:
+    """The modules that ``fns`` are (a PyroModule model, an autoguide) or are bound methods of (a
+    catalogue model's ``m.model``), each once."""
+    modules: dict[int, torch.nn.Module] = {}
+    for fn in fns:
+        module = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
+        if isinstance(module, torch.nn.Module):
+            modules.setdefault(id(module), module)
+    return list(modules.values())
+
+
+def _snapshot_param_store(modules: list[torch.nn.Module]) -> dict:
+    """A copy of the param store's state, and of the buffers of ``modules`` (BatchNorm's running
+    statistics, ...), that later training does not modify."""
     state = pyro.get_param_store().get_state()
     params = {
         name: p.detach().clone().requires_grad_(p.requires_grad) for name, p in state["params"].items()
     }
-    return {"params": params, "constraints": state["constraints"]}
+    buffers = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
+    return {"params": params, "constraints": state["constraints"], "buffers": buffers}
 
 
 def _restore_param_store(state: dict) -> None:
@@ -124,6 +137,10 @@ def _restore_param_store(state: dict) -> None:
                 missing[name] = value
     if missing:
         store.set_state({"params": missing, "constraints": {n: state["constraints"][n] for n in missing}})
+    with torch.no_grad():
+        for buffer, value in state["buffers"]:
+            if buffer.shape == value.shape:
+                buffer.copy_(value)
 
 
 def _check_optimizer_covers(optim: torch.optim.Optimizer, params: poutine.Trace) -> None:
@@ -235,7 +252,11 @@ def fit(
     restored to the state of the best validation, also when all ``epochs``
     ran. Restoring copies the best values into the store's tensors in
     place, which are also the modules' (a catalogue model's parameters, an
-    autoguide's), so the guide and :func:`bnnpyro.save` see them.
+    autoguide's), so the guide and :func:`bnnpyro.save` see them; the
+    buffers (e.g. BatchNorm's running statistics) of ``model`` and
+    ``guide`` are restored too when they are modules or bound methods of
+    modules (a model *function* that calls a module: that module's buffers
+    keep their last values).
 
     :param callable model: Pyro model ``model(x, y=None)``.
     :param callable guide: Pyro guide ``guide(x, y=None)``.
@@ -382,7 +403,7 @@ def fit(
                 if value < best_value or (history.best_epoch is None and not math.isnan(value)):
                     best_value, history.best_epoch, stale = value, epoch, 0
                     if patience is not None:
-                        best_state = _snapshot_param_store()
+                        best_state = _snapshot_param_store(_modules_of(model, guide))
                 else:
                     stale += 1
             if isinstance(optim, PyroLRScheduler):  # learning-rate schedules advance once per epoch

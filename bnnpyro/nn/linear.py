@@ -60,8 +60,10 @@ class BayesianLinear(PyroModule):
     :math:`\mathcal N(0, 1/\text{in\_features})`. ``Prior("scale_mixture", ...)`` is the
     scale-mixture prior of Blundell et al. (2015).
 
-    The prior's parameters are non-persistent 0-d buffers, so ``.to(device/dtype)`` moves them
-    and each draw builds its distribution from them without allocating new tensors.
+    The prior's parameters are made from its Python numbers on the module's device and in its dtype
+    (tracked by an empty buffer, so ``.to(device/dtype)`` moves them), once per device and dtype:
+    each draw builds its distribution without allocating new tensors, and a float64 module has the
+    exact values whether it was built in float64 or cast.
 
     **Batched weights.** ``forward`` computes ``matmul(x, W^T) + b.unsqueeze(-2)`` with torch's
     broadcasting: for ``x`` of shape ``*X x B x in`` and a weight of shape ``*S x out x in``
@@ -99,17 +101,29 @@ class BayesianLinear(PyroModule):
         self.out_features = out_features
         self.prior = _resolve_prior(prior, prior_scale, in_features)
         dtype = dtype if dtype is not None else torch.get_default_dtype()
-        for field in _PRIOR_FIELDS[self.prior.kind]:
-            value = torch.tensor(getattr(self.prior, field), device=device, dtype=dtype)
-            self.register_buffer(f"_prior_{field}", value, persistent=False)
+        # an empty buffer: .to() moves it, and the prior's tensors follow it (_prior_params)
+        self.register_buffer("_prior_anchor", torch.empty(0, device=device, dtype=dtype), persistent=False)
+        self._prior_params_key: Optional[tuple[torch.device, torch.dtype]] = None
+        self._prior_params_cache: list[Tensor] = []
         self.has_bias = bool(bias)
         # partials, not methods: PyroSample renames named callables, which breaks pickling
         self.weight = PyroSample(partial(BayesianLinear.prior_distribution, shape=(out_features, in_features)))
         self.bias = PyroSample(partial(BayesianLinear.prior_distribution, shape=(out_features,))) if bias else None
 
+    def _prior_params(self) -> list[Tensor]:
+        """The prior's parameters as 0-d tensors on the module's device and in its dtype, made from
+        the prior's Python numbers (so a float64 module has the exact values however it became
+        float64: built so, or cast), once per device and dtype."""
+        key = (self._prior_anchor.device, self._prior_anchor.dtype)
+        if key != self._prior_params_key:
+            self._prior_params_cache = [torch.tensor(getattr(self.prior, field), device=key[0], dtype=key[1])
+                                        for field in _PRIOR_FIELDS[self.prior.kind]]
+            self._prior_params_key = key
+        return self._prior_params_cache
+
     def prior_distribution(self, shape: torch.Size | tuple[int, ...]) -> TorchDistribution:
-        """The prior over a tensor of ``shape``, as one event, on the buffers' device and dtype."""
-        params = [getattr(self, f"_prior_{field}") for field in _PRIOR_FIELDS[self.prior.kind]]
+        """The prior over a tensor of ``shape``, as one event, on the module's device and dtype."""
+        params = self._prior_params()
         shape = torch.Size(shape)
         # the buffers were validated by Prior; skipping validation avoids a device sync per draw
         if self.prior.kind == "normal":

@@ -14,7 +14,7 @@ refer to, so they keep their plain names. :class:`UniqueParamNames` prefixes onl
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from pyro.nn import PyroModule
 from torch import nn
@@ -45,10 +45,25 @@ class UniqueParamNames:
         # submodules are restored before their parent: the outermost copied module gives its new
         # prefix to every module of the copy that shared its old one
         self._prefix_before_copy = old
+        self._new_param_prefix()
+
+    def _new_param_prefix(self) -> None:
+        """Give this module, and every module in it that shares its prefix, a fresh prefix."""
+        old = self.__dict__.get("_param_prefix")
         new = new_param_prefix(old.rsplit("_", 1)[0])
         for module in self.modules():
-            if isinstance(module, UniqueParamNames) and module.__dict__.get("_prefix_before_copy") == old:
+            if isinstance(module, UniqueParamNames) and old in (module.__dict__.get("_prefix_before_copy"),
+                                                                 module.__dict__.get("_param_prefix")):
                 module._param_prefix = new
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; with ``assign=True`` the module's parameters are new
+        tensors, which take a fresh prefix (under the old one, Pyro's param store holds the
+        replaced tensors and would copy them back)."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if assign and self.__dict__.get("_param_prefix") is not None:
+            self._new_param_prefix()
+        return result
 
 
 class NewParamNameOnCopy:
@@ -70,6 +85,9 @@ class NewParamNameOnCopy:
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self._new_pyro_name()
+
+    def _new_pyro_name(self) -> None:
         name = new_param_prefix(type(self).__name__)
         if not isinstance(self, PyroModule):
             self._pyro_name = name
@@ -77,6 +95,15 @@ class NewParamNameOnCopy:
         for path, module in self.named_modules():  # a PyroModule's submodules are named after it
             if isinstance(module, PyroModule):
                 module._pyro_name = f"{name}.{path}" if path else name
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; with ``assign=True`` the module's parameters are new
+        tensors, which take a name of their own (under the old one, Pyro's param store holds the
+        replaced tensors: SVI would step those)."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if assign:
+            self._new_pyro_name()
+        return result
 
 
 def _reduce_made_class(self: nn.Module) -> tuple:
