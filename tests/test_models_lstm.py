@@ -323,6 +323,21 @@ def test_bad_prediction_inputs_raise():
         lm.generate(x[0], 3, temperature=0.0)
 
 
+@pytest.mark.parametrize("make", ["token classifier", "language model"])
+def test_vectorized_particles_raise_an_explanation(make):
+    """The LSTM models take one weight draw per call: a token model under vectorize_particles says so,
+    as the float-input path does, instead of F.embedding's bare "'weight' must be 2-D"."""
+    if make == "token classifier":
+        m = BayesianLSTMClassifier(num_classes=3, hidden_size=4, dataset_size=30, vocab_size=6, embedding_dim=3)
+        y = torch.randint(0, 3, (4,))
+    else:
+        m, y = _lm(), torch.randint(0, 6, (4, 5))
+    x = torch.randint(0, 6, (4, 5))
+    elbo = TraceMeanField_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=2)
+    with pytest.raises(RuntimeError, match=r"embedding table must be one draw \(V x E\).*one at a time"):
+        elbo.loss(m.model, m.guide, x, y)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

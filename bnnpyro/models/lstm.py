@@ -182,6 +182,12 @@ class _SequenceEncoder(PyroModule):
         or with ``centre`` (``{site name: tensor}``, e.g. the posterior means) flipout around ``centre``
         with perturbation ``weights - centre`` (:func:`~bnnpyro.nn.lstm.lstm_flipout_forward`).
         """
+        if self.embedding is not None and weights["embedding.weight"].dim() != 2:
+            raise RuntimeError(
+                f"the embedding table must be one draw (V x E), got shape {tuple(weights['embedding.weight'].shape)}: "
+                "the LSTM models take one draw of their weights per call; under an outer plate of samples "
+                "(vectorize_particles=True, Predictive(parallel=True)) run the samples one at a time instead"
+            )
         inputs = x if self.embedding is None else F.embedding(x, weights["embedding.weight"])
         names = [f"lstm.{name}" for name in self.lstm.weight_shapes]
         lstm = self.lstm
