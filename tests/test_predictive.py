@@ -128,6 +128,23 @@ def test_chunked_equals_unchunked_distribution():
     assert ((a.mean(0) - b.mean(0)).abs() < 5 * se * 2**0.5 + 1e-6).all()
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_progress_bar_counts_the_rows_and_leaves_the_samples_alone(capsys, vectorize):
+    """progress=True shows a bar over the rows (S x rows with vectorize=False) on stderr; the
+    samples are the same as without it."""
+    m = BayesianMLPRegressor(2, hidden=(8,), dataset_size=50)
+    x = torch.randn(50, 2)
+    draws = []
+    for progress in (False, True):
+        pyro.set_rng_seed(0)
+        draws.append(sample_predictive(m.model, m.guide, x, 3, chunk_size=20, vectorize=vectorize,
+                                       progress=progress)["f"])
+    assert torch.equal(draws[0], draws[1])
+    err = capsys.readouterr().err
+    total = 50 if vectorize else 150
+    assert "sample_predictive" in err and f"{total}/{total}" in err
+
+
 @pytest.mark.parametrize("hidden", [(8,), (130, 6)])  # narrow layers; a layer wider than 128
 def test_weight_space_layers_are_one_network_across_chunks(hidden):
     """Weight-space layers draw their S weight matrices on the first chunk and reuse them: with the

@@ -14,6 +14,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 from torch.distributions import Independent
 
 from bnnpyro._checks import all_finite
@@ -137,6 +138,7 @@ def sample_predictive(
     max_plate_nesting: int = 1,
     estimator: str | None = "auto",
     vectorize: bool = True,
+    progress: bool = False,
     **kwargs,
 ) -> dict[str, Tensor]:
     r"""
@@ -185,6 +187,8 @@ def sample_predictive(
     :param bool vectorize: ``False`` runs ``S`` passes of one network each instead, for models whose
         layers cannot take a stack of weight draws (e.g. a :func:`bnnpyro.nn.to_bayesian` CNN, whose
         ``F.conv2d`` and pooling expect 4-D inputs); same distribution, a Python loop over samples.
+    :param bool progress: show a tqdm progress bar over the rows (times ``S`` with
+        ``vectorize=False``). Default False.
     :returns: ``{"f": S x N x W, **{site: S x ...}}``.
     """
     if not torch.is_tensor(x):
@@ -210,12 +214,13 @@ def sample_predictive(
     if is_validation_enabled() and x.is_floating_point() and not all_finite(x):
         row = int((~torch.isfinite(x)).reshape(len(x), -1).any(-1).nonzero()[0])
         raise ValueError(f"x contains NaN or infinite values (first in row {row})")
-    with torch.no_grad():
+    total = len(x) if vectorize else num_samples * len(x)
+    with torch.no_grad(), tqdm(total=total, desc="sample_predictive", unit="row", disable=not progress) as bar:
         if vectorize:
             plate = pyro.plate(_PARTICLE_PLATE, num_samples, dim=-max_plate_nesting - 1)
             try:
                 f, extra = _predictive_pass(model, guide, x, chunk_size, grow_to, plate, estimator,
-                                            return_sites, kwargs)
+                                            return_sites, kwargs, bar)
             except RuntimeError as e:
                 raise RuntimeError(
                     f"{e}\n\nsample_predictive: the vectorized pass over {num_samples} weight draws failed. If "
@@ -229,7 +234,7 @@ def sample_predictive(
                 for name, value in extra.items()
             }
             return {"f": f.reshape((num_samples,) + f.shape[-2:]) if f.dim() >= 2 else f, **extra}
-        draws = [_predictive_pass(model, guide, x, chunk_size, None, None, estimator, return_sites, kwargs)
+        draws = [_predictive_pass(model, guide, x, chunk_size, None, None, estimator, return_sites, kwargs, bar)
                  for _ in range(num_samples)]
     result = {"f": torch.stack([f for f, _ in draws])}
     for name in return_sites:
@@ -240,6 +245,7 @@ def sample_predictive(
 def _predictive_pass(
     model: Callable, guide: Callable, x: Tensor, chunk_size: int, grow_to: int | None,
     plate: pyro.plate | None, estimator: str | None, return_sites: Sequence[str], kwargs: dict,
+    bar: tqdm,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """
     The model's output on all rows of ``x``, ``chunk_size`` at a time (concatenated along the rows,
@@ -248,7 +254,7 @@ def _predictive_pass(
     first chunk, take the other rows in equal chunks of at most ``grow_to`` rows, or of as many as
     keep the widest ``HiddenLayer`` output at ``_AUTO_CHUNK_ACTIVATION_ELEMENTS``. ``estimator``:
     how the guide's ``HiddenLayer`` s sample (:class:`_LayerSampling`; ``None``: as they are).
-    Returns ``(f, {site: value})``.
+    ``bar`` advances by each chunk's rows. Returns ``(f, {site: value})``.
     """
     sampling = _LayerSampling(estimator)
     guide = sampling(guide)  # one per pass: its weight draws are this pass's
@@ -297,6 +303,7 @@ def _predictive_pass(
         for value in (*kept, f):  # kept beyond this chunk: its storage is not handed on
             sampling.release(value)
         outputs.append(f)
+        bar.update(len(chunk))
         if grow_to is not None and start < len(x):
             if sampling.output_storage:
                 widest = max(s.numel() for s in sampling.output_storage.values()) // len(chunk)
