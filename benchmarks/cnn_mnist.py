@@ -68,6 +68,7 @@ def main() -> None:
     x, y, x_test, y_test = load_mnist_subset(args.seed)
 
     pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)  # the initial weights too
     m = BayesianCNNClassifier(num_classes=10, dataset_size=len(x), image_size=28, channels=(16, 32), hidden=(128,))
     start = time.perf_counter()
     fit(m.model, m.guide, (x, y), epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,

@@ -9,52 +9,16 @@ target's original units.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from typing import Callable
 
 import pyro
 import torch
 from pyro.infer import TraceMeanField_ELBO
 
+from bnnpyro.cli import level, output_path, positive, seed
+
 DEFAULT_DATA = "concrete"
-
-
-def _positive(kind: type) -> Callable[[str], int | float]:
-    """An argparse ``type`` accepting numbers of ``kind`` above zero."""
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
-
-
-def _level(text: str) -> float:
-    """An argparse ``type`` for a credible level in (0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a float, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
-
-
-def _seed(text: str) -> int:
-    """An argparse ``type`` for a seed numpy accepts (``pyro.set_rng_seed`` seeds numpy too)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,18 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "autoguide over bnnpyro.nn.BayesianMLP: auto-normal = "
                              "bnnpyro.infer.AnalyticAutoNormal (AutoNormal with closed-form KL), "
                              "auto-lowrank = AutoLowRankMultivariateNormal")
-    parser.add_argument("--hidden", type=_positive(int), nargs="+", default=[50], help="hidden layer widths")
-    parser.add_argument("--epochs", type=_positive(int), default=400, help="passes over the training set")
-    parser.add_argument("--batch-size", type=_positive(int), default=32, help="minibatch size")
-    parser.add_argument("--lr", type=_positive(float), default=1e-2, help="Adam learning rate")
-    parser.add_argument("--prior-scale", type=_positive(float), default=1.0, help="std of the Normal weight prior")
-    parser.add_argument("--num-samples", type=_positive(int), default=500, help="posterior predictive samples")
-    parser.add_argument("--level", type=_level, default=0.95, help="credible interval level")
-    parser.add_argument("--seed", type=_seed, default=0, help="random seed, in [0, 2**32)")
+    parser.add_argument("--hidden", type=positive(int), nargs="+", default=[50], help="hidden layer widths")
+    parser.add_argument("--epochs", type=positive(int), default=400, help="passes over the training set")
+    parser.add_argument("--batch-size", type=positive(int), default=32, help="minibatch size")
+    parser.add_argument("--lr", type=positive(float), default=1e-2, help="Adam learning rate")
+    parser.add_argument("--prior-scale", type=positive(float), default=1.0, help="std of the Normal weight prior")
+    parser.add_argument("--num-samples", type=positive(int), default=500, help="posterior predictive samples")
+    parser.add_argument("--level", type=level, default=0.95, help="credible interval level")
+    parser.add_argument("--seed", type=seed, default=0, help="random seed, in [0, 2**32)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--plot", default="bnnpyro_predictions.png",
+    parser.add_argument("--plot", type=output_path, default="bnnpyro_predictions.png",
                         help="where to write the predicted-vs-true plot ('' to skip)")
-    parser.add_argument("--save", default="",
+    parser.add_argument("--save", type=output_path, default="",
                         help="write the trained model (and autoguide) with its optimizer state to this file "
                              "(bnnpyro.save; read back with bnnpyro.load, resume with bnnpyro.load_optim_state)")
     parser.add_argument("--jit", action="store_true",
@@ -147,10 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.empty(0, device=dev)  # an unavailable device fails here, not after loading the data
     except (FileNotFoundError, ValueError, RuntimeError, AssertionError) as e:  # bad --data, --split, --device
         parser.error(f"{e}" if str(e) else f"device {args.device!r} is not available")
-    for option, path in (("--plot", args.plot), ("--save", args.save)):
-        folder = os.path.dirname(path)
-        if path and folder and not os.path.isdir(folder):  # found now, not after training
-            parser.error(f"{option}: folder {folder!r} does not exist")
     x_train, y_train = d.x_train.to(dev), d.y_train.to(dev)
     x_test, y_test = d.x_test.to(dev), d.y_test.to(dev)
     N = len(x_train)

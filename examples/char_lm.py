@@ -19,6 +19,7 @@ import pyro  # noqa: E402
 import torch  # noqa: E402
 
 from bnnpyro import fit  # noqa: E402
+from bnnpyro.cli import output_path, positive, seed  # noqa: E402
 from bnnpyro.data.text import CharVocab, char_lm_batches, load_text  # noqa: E402
 from bnnpyro.distributions import Prior  # noqa: E402
 from bnnpyro.models.lstm import BayesianLSTMLanguageModel  # noqa: E402
@@ -26,24 +27,24 @@ from bnnpyro.models.lstm import BayesianLSTMLanguageModel  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--max-sequences", type=int, default=None,
+    parser.add_argument("--epochs", type=positive(int), default=3)
+    parser.add_argument("--max-sequences", type=positive(int), default=None,
                         help="train on the first this many training sequences only (quick runs)")
-    parser.add_argument("--seq-len", type=int, default=35)
-    parser.add_argument("--embedding-dim", type=int, default=32)
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--num-layers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--seq-len", type=positive(int), default=35)
+    parser.add_argument("--embedding-dim", type=positive(int), default=32)
+    parser.add_argument("--hidden-size", type=positive(int), default=128)
+    parser.add_argument("--num-layers", type=positive(int), default=2)
+    parser.add_argument("--batch-size", type=positive(int), default=32)
+    parser.add_argument("--lr", type=positive(float), default=5e-3)
     parser.add_argument("--prior", choices=["normal", "scale_mixture"], default="normal",
                         help="prior of the LSTM and embedding weights (scale_mixture: the paper's, Monte Carlo KL)")
-    parser.add_argument("--num-predictions", type=int, default=10, help="posterior weight draws for the perplexity")
+    parser.add_argument("--num-predictions", type=positive(int), default=10, help="posterior weight draws for the perplexity")
     parser.add_argument("--full", action="store_true", help="the full 1.1 MB Tiny Shakespeare from the shared data")
     parser.add_argument("--prompt", default="ROMEO:")
     parser.add_argument("--generate", type=int, default=200, help="characters to generate")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--plot", default="", help="output figure path ('' to skip)")
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--threads", type=positive(int), default=1, help="torch CPU threads")
+    parser.add_argument("--plot", type=output_path, default="", help="output figure path ('' to skip)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)

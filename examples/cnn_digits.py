@@ -16,6 +16,7 @@ import pyro  # noqa: E402
 import torch  # noqa: E402
 
 from bnnpyro import fit, sample_predictive  # noqa: E402
+from bnnpyro.cli import output_path, positive, seed  # noqa: E402
 from bnnpyro.data import load_classification  # noqa: E402
 from bnnpyro.models import BayesianCNNClassifier  # noqa: E402
 from bnnpyro.predict import (  # noqa: E402
@@ -29,17 +30,18 @@ from bnnpyro.predict import (  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--channels", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--hidden", type=int, nargs="+", default=[64])
+    parser.add_argument("--epochs", type=positive(int), default=30)
+    parser.add_argument("--channels", type=positive(int), nargs="+", default=[8, 16])
+    parser.add_argument("--hidden", type=positive(int), nargs="+", default=[64])
     parser.add_argument("--estimator", default="local_reparameterization",
                         choices=["local_reparameterization", "flipout", "weight_space"])
-    parser.add_argument("--num-samples", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", default="cnn_digits.png", help="output figure ('' to skip)")
+    parser.add_argument("--num-samples", type=positive(int), default=100)
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--plot", type=output_path, default="cnn_digits.png", help="output figure ('' to skip)")
     args = parser.parse_args(argv)
 
     pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)  # the initial weights too: the same --seed gives the same results
     d = load_classification("digits", seed=args.seed)
     x, x_test = d.x_train.reshape(-1, 1, 8, 8), d.x_test.reshape(-1, 1, 8, 8)
     m = BayesianCNNClassifier(num_classes=d.num_classes, dataset_size=len(x), image_size=8,

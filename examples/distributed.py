@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from bnnpyro import sample_predictive
+from bnnpyro.cli import output_path, positive, seed
 from bnnpyro.data import load_classification
 from bnnpyro.infer.distributed import fit_distributed
 from bnnpyro.models import BayesianMLPClassifier
@@ -25,12 +26,12 @@ from bnnpyro.predict import accuracy, mean_probs
 
 def main(argv: list[str] | None = None) -> dict[str, float] | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=64, help="global minibatch, split over the ranks")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[100])
-    parser.add_argument("--num-samples", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint", default="", help="file rank 0 saves the model to ('' to skip)")
+    parser.add_argument("--epochs", type=positive(int), default=30)
+    parser.add_argument("--batch-size", type=positive(int), default=64, help="global minibatch, split over the ranks")
+    parser.add_argument("--hidden", type=positive(int), nargs="+", default=[100])
+    parser.add_argument("--num-samples", type=positive(int), default=100)
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--checkpoint", type=output_path, default="", help="file rank 0 saves the model to ('' to skip)")
     args = parser.parse_args(argv)
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1

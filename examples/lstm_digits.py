@@ -17,6 +17,7 @@ import pyro  # noqa: E402
 import torch  # noqa: E402
 
 from bnnpyro import fit  # noqa: E402
+from bnnpyro.cli import output_path, positive, seed  # noqa: E402
 from bnnpyro.data import load_classification  # noqa: E402
 from bnnpyro.distributions import Prior  # noqa: E402
 from bnnpyro.models.lstm import BayesianLSTMClassifier  # noqa: E402
@@ -36,16 +37,16 @@ def ood_sequences(x: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--hidden-size", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--epochs", type=positive(int), default=20)
+    parser.add_argument("--hidden-size", type=positive(int), default=32)
+    parser.add_argument("--batch-size", type=positive(int), default=64)
+    parser.add_argument("--lr", type=positive(float), default=1e-2)
     parser.add_argument("--prior", choices=["normal", "scale_mixture"], default="normal",
                         help="prior of the LSTM weights (scale_mixture: the paper's, Monte Carlo KL)")
-    parser.add_argument("--num-predictions", type=int, default=30, help="posterior weight draws per prediction")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--plot", default="", help="output figure path ('' to skip)")
+    parser.add_argument("--num-predictions", type=positive(int), default=30, help="posterior weight draws per prediction")
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--threads", type=positive(int), default=1, help="torch CPU threads")
+    parser.add_argument("--plot", type=output_path, default="", help="output figure path ('' to skip)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)

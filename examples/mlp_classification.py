@@ -16,6 +16,7 @@ import pyro  # noqa: E402
 import torch  # noqa: E402
 
 from bnnpyro import fit, sample_predictive  # noqa: E402
+from bnnpyro.cli import output_path, positive, seed  # noqa: E402
 from bnnpyro.data import load_classification  # noqa: E402
 from bnnpyro.models import BayesianMLPClassifier  # noqa: E402
 from bnnpyro.predict import (  # noqa: E402
@@ -29,14 +30,15 @@ from bnnpyro.predict import (  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[100])
-    parser.add_argument("--num-samples", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", default="digits_reliability.png", help="output figure ('' to skip)")
+    parser.add_argument("--epochs", type=positive(int), default=50)
+    parser.add_argument("--hidden", type=positive(int), nargs="+", default=[100])
+    parser.add_argument("--num-samples", type=positive(int), default=200)
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--plot", type=output_path, default="digits_reliability.png", help="output figure ('' to skip)")
     args = parser.parse_args(argv)
 
     pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)  # the initial weights too: the same --seed gives the same results
     d = load_classification("digits", seed=args.seed)
     m = BayesianMLPClassifier(d.x_train.shape[1], d.num_classes, hidden=args.hidden, dataset_size=len(d.x_train))
     fit(m.model, m.guide, (d.x_train, d.y_train), epochs=args.epochs, batch_size=64, seed=args.seed,

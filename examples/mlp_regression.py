@@ -14,6 +14,7 @@ import pyro  # noqa: E402
 import torch  # noqa: E402
 
 from bnnpyro import fit, sample_predictive  # noqa: E402
+from bnnpyro.cli import output_path, positive, seed  # noqa: E402
 from bnnpyro.data import toy_regression, toy_regression_curve  # noqa: E402
 from bnnpyro.models import BayesianMLPRegressor  # noqa: E402
 from bnnpyro.predict import gaussian_mixture_interval, picp, plot_predictive_band  # noqa: E402
@@ -21,15 +22,16 @@ from bnnpyro.predict import gaussian_mixture_interval, picp, plot_predictive_ban
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=200, help="training points")
-    parser.add_argument("--epochs", type=int, default=300)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[50, 50])
-    parser.add_argument("--num-samples", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", default="toy_regression.png", help="output figure ('' to skip)")
+    parser.add_argument("--n", type=positive(int), default=200, help="training points")
+    parser.add_argument("--epochs", type=positive(int), default=300)
+    parser.add_argument("--hidden", type=positive(int), nargs="+", default=[50, 50])
+    parser.add_argument("--num-samples", type=positive(int), default=500)
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--plot", type=output_path, default="toy_regression.png", help="output figure ('' to skip)")
     args = parser.parse_args(argv)
 
     pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)  # the initial weights too: the same --seed gives the same results
     x, y = toy_regression(n=args.n, seed=args.seed)
     xt, yt = toy_regression(n=500, seed=args.seed + 1)
     m = BayesianMLPRegressor(1, hidden=args.hidden, dataset_size=len(x))
