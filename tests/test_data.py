@@ -2,6 +2,7 @@
 
 import filecmp
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,10 @@ def test_errors(monkeypatch, tmp_path):
         load_uci("yacht", split=20)
     with pytest.raises(ValueError, match="split"):
         load_uci("yacht", split=-1)
+    for bad in (2.0, True, "1"):  # had looked for index_train_2.0.txt, index_train_True.txt
+        with pytest.raises(ValueError, match="split must be an int"):
+            load_uci("yacht", split=bad)
+    assert len(load_uci("yacht", split=np.int64(1)).x_test) == len(load_uci("yacht", split=1).x_test)
     monkeypatch.setenv("BNNPYRO_UCI_ROOT", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="looked in") as info:
         load_uci("no-such-data-set")
@@ -101,9 +106,19 @@ def test_errors(monkeypatch, tmp_path):
     assert "Available there: " in str(info.value) and "yacht" in str(info.value)
 
 
-def test_a_path_to_a_data_set_folder_loads_it():
+def test_a_path_to_a_data_set_folder_loads_it(tmp_path, monkeypatch):
     s = load_uci(str(BUNDLED / "yacht"), split=3)
     torch.testing.assert_close(s.x_train, load_uci("yacht", split=3).x_train)
+    # ./name is a path (it had been looked up as a bare name under the default roots only), and a
+    # local ./yacht is not confused with the bundled yacht
+    shutil.copytree(BUNDLED / "yacht", tmp_path / "mydata")
+    shutil.copytree(BUNDLED / "yacht", tmp_path / "yacht")
+    (tmp_path / "yacht" / "data.txt").write_text("1 2\n")  # a local ./yacht that is not the bundled one
+    monkeypatch.chdir(tmp_path)
+    torch.testing.assert_close(load_uci("./mydata", split=3).x_train, s.x_train)
+    with pytest.raises(IndexError):  # the local file is read: its one row has no row 3 of the split
+        load_uci("./yacht", split=3)
+    torch.testing.assert_close(load_uci("yacht", split=3).x_train, s.x_train)  # the bare name: bundled
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/uci not present")

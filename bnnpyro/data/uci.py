@@ -14,6 +14,7 @@ and test log-likelihood in the target's original units.
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,9 +87,13 @@ def _search_roots() -> list[Path]:
 
 def _dataset_dir(name: str, root: str | os.PathLike | None) -> Path:
     """Folder of ``name`` under ``root``, or under the first default root that has it; ``name``
-    may also be a path to the folder itself (more than a bare name, with no ``root``)."""
+    may also be a path to the folder itself (with no ``root``): one written as a path (with a
+    separator, or starting with ``.``, as ``./mydata``) that holds ``data.txt``."""
     path = Path(name)
-    if root is None and (len(path.parts) > 1 or path.is_absolute()) and (path / "data.txt").is_file():
+    text = os.fspath(name)
+    written_as_path = (any(sep and sep in text for sep in (os.sep, os.altsep)) or text.startswith(".")
+                       or path.is_absolute())
+    if root is None and written_as_path and (path / "data.txt").is_file():
         return path
     roots = [Path(root)] if root is not None else _search_roots()
     for r in roots:
@@ -143,8 +148,11 @@ def load_uci(name: str, split: int = 0, root: str | os.PathLike | None = None) -
 
     Raises:
         FileNotFoundError: the data set is in none of the searched folders.
-        ValueError: ``split`` is outside ``0 .. n_splits - 1``.
+        ValueError: ``split`` is not an int or is outside ``0 .. n_splits - 1``.
     """
+    if isinstance(split, bool) or not isinstance(split, numbers.Integral):
+        raise ValueError(f"split must be an int, got {split!r}")
+    split = int(split)  # numpy integers too
     folder = _dataset_dir(name, root)
     n_splits = _read_int(folder / "n_splits.txt")
     if not 0 <= split < n_splits:
