@@ -61,10 +61,23 @@ def test_save_writes_the_trained_model(tmp_path, capsys, guide):
     assert rmse == pytest.approx(printed, rel=0.05)
 
 
+def test_threads_apply_during_the_run_and_are_restored(monkeypatch, capsys):
+    import torch
+
+    import bnnpyro.__main__ as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_run", lambda parser, args: seen.append(torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    assert main(["--threads", "3"]) == 0 and seen == [3]
+    assert torch.get_num_threads() == before
+
+
 def test_help_documents_the_options():
     out = subprocess.run([sys.executable, "-m", "bnnpyro", "--help"], capture_output=True, text=True,
                          check=True).stdout
-    for option in ("--data", "--split", "--model", "--guide", "--epochs", "--seed", "--device", "--plot", "--save", "--jit"):
+    for option in ("--data", "--split", "--model", "--guide", "--epochs", "--seed", "--device", "--threads", "--plot",
+                   "--save", "--jit"):
         assert option in out
     assert "interval coverage" in out and "(at --level)" in out and "%%" not in out
 
@@ -77,6 +90,7 @@ def test_help_documents_the_options():
     (["--level", "1.5"], r"argument --level: must be in \(0, 1\), got 1.5"),
     (["--lr", "abc"], "argument --lr: expected a float, got 'abc'"),
     (["--hidden", "50", "0"], "argument --hidden: must be positive, got 0"),
+    (["--threads", "0"], "argument --threads: must be positive, got 0"),
     (["--seed", "-1"], r"argument --seed: must be in \[0, 2\*\*32\), got -1"),  # numpy's seed range
     (["--seed", str(2**32)], r"argument --seed: must be in \[0, 2\*\*32\)"),
     (["--data", "yacht", "--plot", "no/such/folder/p.png"], "--plot: folder 'no/such/folder' does not exist"),
