@@ -143,6 +143,13 @@ def test_validation_of_values_not_drawn_by_a_factorized_normal():
         p.log_prob(torch.full((4, 3), float("nan")))
     with pytest.raises(ValueError):
         p.log_prob(torch.zeros(4, 2))
+    # a draw of another shape is checked for its shape (it had skipped every check: a (3, 4) draw
+    # scored under a (2, 3, 4) event broadcast to a batch of 3, an i.i.d. prior raised IndexError)
+    w = FactorizedNormal(torch.zeros(3, 4), torch.ones(3, 4)).rsample()
+    for prior in (FactorizedNormal(torch.zeros(2, 3, 4), torch.ones(2, 3, 4)),
+                  FactorizedNormal(0.0, 1.0, (2, 3, 4), validate_args=True)):
+        with pytest.raises(ValueError, match="right-most size of value must match event_shape"):
+            prior.log_prob(w)
 
 
 @pytest.mark.parametrize("prior_scale", [1e-4, 0.1, 1e4])

@@ -169,6 +169,20 @@ def test_priors_are_built_once_and_follow_dtype():
     assert trace.nodes["_RETURN"]["value"][0].dtype == torch.float64
 
 
+@pytest.mark.parametrize("kind", ["normal", "scale_mixture"])
+def test_a_prior_called_without_a_dtype_follows_the_default_dtype(kind):
+    """``Prior(...)(shape)`` builds its tensors in torch's default dtype, as ``torch.tensor`` of a
+    float and Pyro's ``Normal(0., 1.)`` do (it had been float32 always); a dtype given wins."""
+    old = torch.get_default_dtype()
+    try:
+        for default in (torch.float32, torch.float64):
+            torch.set_default_dtype(default)
+            assert Prior(kind)((2, 3)).sample().dtype == default
+        assert Prior(kind)((2, 3), dtype=torch.float32).sample().dtype == torch.float32
+    finally:
+        torch.set_default_dtype(old)
+
+
 def test_to_lstm_accepts_prefixed_site_names():
     class Wrapper(PyroModule):
         def __init__(self):

@@ -12,11 +12,12 @@ from torch.distributions.kl import register_kl
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bnnpyro.distributions._shapes import broadcast_shapes
+from bnnpyro.distributions._validation import check_value_shape
 from bnnpyro.distributions.kl import accumulation_dtype, constant_value, normal_kl_sum, sum_event, sum_squares
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 # the draws of every FactorizedNormal (by identity, while they live): real wherever their loc and
-# scale are, so another FactorizedNormal (the prior at the model's site) need not re-check them
+# scale are, so another FactorizedNormal (the prior at the model's site) checks only their shape
 _DRAWS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -135,8 +136,11 @@ class FactorizedNormal(TorchDistribution):
 
     def log_prob(self, value: Tensor) -> Tensor:
         own_sample = self._noise is not None and value is self._noise[0]
-        if self._validate_args and value not in _DRAWS:
-            self._validate_sample(value)
+        if self._validate_args:
+            if value in _DRAWS:  # real already: the shape only
+                check_value_shape(self, value)
+            else:
+                self._validate_sample(value)
         k = self.event_dim
         if own_sample:
             squares = sum_squares(self._noise[1], k)

@@ -122,9 +122,12 @@ class Prior:
         names = ("mean", "scale") if self.kind == "normal" else ("pi", "sigma1", "sigma2")
         return f"Prior(kind={self.kind!r}, " + ", ".join(f"{n}={getattr(self, n)!r}" for n in names) + ")"
 
-    def __call__(self, shape, device=None, dtype=torch.float32) -> TorchDistribution:
-        """The prior over a weight tensor of ``shape``, as one event of ``len(shape)`` dims."""
+    def __call__(self, shape, device=None, dtype=None) -> TorchDistribution:
+        """The prior over a weight tensor of ``shape``, as one event of ``len(shape)`` dims, in
+        ``dtype`` (default: torch's default dtype, as ``torch.tensor`` of a float)."""
         shape = torch.Size(shape)
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+
         def t(v):
             return torch.tensor(v, device=device, dtype=dtype)
         if self.kind == "normal":
