@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from pyro.distributions.util import is_validation_enabled
 from torch import Tensor
 
 
@@ -22,7 +23,9 @@ def check_float_batch(x: object, like: Tensor, shape_ok: bool, expected: str, da
     ``x``, a model's input batch, must be a floating-point tensor of ``like``'s dtype and device
     (:func:`check_like`), of the expected shape (``shape_ok``, described by ``expected``, e.g.
     ``"B x 13"``), with at least one and, in training, at most ``dataset_size`` ``unit``, and with
-    finite values. Raises ``TypeError``/``ValueError`` naming ``x`` otherwise.
+    finite values (checked with Pyro's validation on, as the distributions' value checks: a pass over
+    the batch and, on a GPU, a synchronisation). Raises ``TypeError``/``ValueError`` naming ``x``
+    otherwise.
     """
     if not torch.is_tensor(x):
         raise TypeError(f"x must be a floating-point torch.Tensor, got {type(x).__name__}")
@@ -38,7 +41,7 @@ def check_float_batch(x: object, like: Tensor, shape_ok: bool, expected: str, da
         )
     if x.size(0) == 0:
         raise ValueError(f"x must have at least one row, got shape {tuple(x.shape)}")
-    if not all_finite(x):
+    if is_validation_enabled() and not all_finite(x):
         raise ValueError("x contains NaN or infinite values")
 
 
@@ -101,10 +104,11 @@ def prior_scale_or_fan_in(value: object) -> float | str:
 
 def check_class_labels(x: Tensor, y: object, num_classes: int) -> None:
     """``y`` must be an int64 tensor of shape ``(B,)`` for ``x`` of ``B`` rows, holding labels in
-    ``[0, num_classes)``; raises ``TypeError``/``ValueError`` naming ``y`` otherwise."""
+    ``[0, num_classes)`` (the range checked with Pyro's validation on); raises ``TypeError``/``ValueError``
+    naming ``y`` otherwise."""
     if not torch.is_tensor(y) or y.dtype != torch.long:
         raise TypeError(f"y must be an int64 tensor of class labels, got {getattr(y, 'dtype', type(y).__name__)}")
     if tuple(y.shape) != (x.size(0),):
         raise ValueError(f"y must have shape ({x.size(0)},) for x of shape {tuple(x.shape)}, got {tuple(y.shape)}")
-    if y.numel() and (y.min() < 0 or y.max() >= num_classes):
+    if is_validation_enabled() and y.numel() and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f"y holds labels in [{int(y.min())}, {int(y.max())}], expected [0, {num_classes})")

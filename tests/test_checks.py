@@ -162,3 +162,53 @@ def test_check_float_batch_names_a_non_tensor_by_its_type():
         check_float_batch(np.zeros((2, 3), dtype=np.float32), like, True, "B x 3", 10, True)
     with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.int64"):
         check_float_batch(torch.zeros(2, 3, dtype=torch.long), like, True, "B x 3", 10, True)
+
+
+def _value_check_cases():
+    """(model, guide, bad x, bad y) per model family: one non-finite or out-of-range value each."""
+    from bnnpyro.models import (BayesianCNNClassifier, BayesianLSTMClassifier, BayesianLSTMLanguageModel,
+                                BayesianMLPClassifier, BayesianMLPRegressor)
+    from bnnpyro.nn import BayesianMLP
+
+    nan_x = torch.randn(4, 3)
+    nan_x[0, 0] = float("nan")
+    reg = BayesianMLPRegressor(3, dataset_size=10)
+    clf = BayesianMLPClassifier(3, 2, dataset_size=10)
+    cnn = BayesianCNNClassifier(num_classes=2, image_size=8, channels=(2,), hidden=(4,), dataset_size=10)
+    lstm = BayesianLSTMClassifier(num_classes=2, hidden_size=4, vocab_size=5, embedding_dim=3, dataset_size=10)
+    lm = BayesianLSTMLanguageModel(5, 3, 4, dataset_size=10)
+    net = BayesianMLP(3, 2, likelihood="classification", dataset_size=10)
+    return [
+        ("regressor x", reg.model, nan_x, torch.randn(4)),
+        ("classifier y", clf.model, torch.randn(4, 3), torch.tensor([0, 1, 2, 0])),
+        ("cnn y", cnn.model, torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 5, 0])),
+        ("lstm tokens", lstm.guide, torch.tensor([[0, 1], [7, 2]]), None),
+        ("lm next tokens", lm.model, torch.tensor([[0, 1], [2, 3]]), torch.tensor([[1, 2], [3, 9]])),
+        ("BayesianMLP y", net, torch.randn(4, 3), torch.tensor([0, 1, 3, 0])),
+    ]
+
+
+def test_value_checks_follow_pyros_validation_setting():
+    """The models' checks of input *values* (NaN, labels and token ids out of range: a pass over the
+    batch, a synchronisation on a GPU) run with Pyro's validation on, like the distributions' value
+    checks, and not with it off (which the README advises for speed); shape, dtype and device checks
+    always run. With validation off a BayesianMLP runs on the meta device (shape inference)."""
+    import pyro
+
+    from bnnpyro.nn import BayesianMLP
+
+    for name, fn, x, y in _value_check_cases():
+        with pytest.raises((ValueError, TypeError)):
+            fn(x, y)
+        with pyro.validation_enabled(False):
+            try:
+                fn(x, y)
+            except (ValueError, TypeError) as e:  # an index error deeper down is the user's lookout
+                raise AssertionError(f"{name}: checked values with validation off: {e}") from e
+            except (IndexError, RuntimeError):
+                pass
+    net = BayesianMLP(3, 1, hidden=(4,), dataset_size=10).to("meta")
+    with pyro.validation_enabled(False), torch.no_grad():
+        assert net(torch.empty(5, 3, device="meta")).shape == (5, 1)
+        with pytest.raises(ValueError, match="x must be a float tensor of shape B x 3"):
+            net(torch.empty(5, 4, device="meta"))

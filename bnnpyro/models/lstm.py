@@ -56,6 +56,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.distributions.torch_distribution import TorchDistribution
+from pyro.distributions.util import is_validation_enabled
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 from torch.distributions import constraints
@@ -303,7 +304,7 @@ class _BayesianLSTMNet(ConfigRepr, NewParamNameOnCopy, nn.Module):
             check_like("x", x, self.out_mean)
             if x.dim() != 2 or 0 in x.shape:
                 raise ValueError(f"x must be B x T token ids, got shape {tuple(x.shape)}")
-            if x.min() < 0 or x.max() >= self.vocab_size:
+            if is_validation_enabled() and (x.min() < 0 or x.max() >= self.vocab_size):
                 raise ValueError(f"x holds ids in [{int(x.min())}, {int(x.max())}], expected [0, {self.vocab_size})")
         else:
             if not x.is_floating_point():
@@ -311,7 +312,7 @@ class _BayesianLSTMNet(ConfigRepr, NewParamNameOnCopy, nn.Module):
             check_like("x", x, self.out_mean)
             if x.dim() != 3 or x.size(-1) != self.input_size or 0 in x.shape:
                 raise ValueError(f"x must be B x T x {self.input_size}, got shape {tuple(x.shape)}")
-            if not all_finite(x):
+            if is_validation_enabled() and not all_finite(x):
                 raise ValueError("x contains NaN or infinite values")
 
     def _check_labels(self, y: Tensor, shape: tuple[int, ...], num_classes: int, what: str) -> None:
@@ -319,7 +320,7 @@ class _BayesianLSTMNet(ConfigRepr, NewParamNameOnCopy, nn.Module):
             raise TypeError(f"y must be an int64 tensor of {what}, got {getattr(y, 'dtype', type(y).__name__)}")
         if tuple(y.shape) != shape:
             raise ValueError(f"y must have shape {shape}, got {tuple(y.shape)}")
-        if y.min() < 0 or y.max() >= num_classes:
+        if is_validation_enabled() and (y.min() < 0 or y.max() >= num_classes):
             raise ValueError(f"y holds {what} in [{int(y.min())}, {int(y.max())}], expected [0, {num_classes})")
 
     def _check_batch(self, x: Tensor) -> None:

@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import pyro
 import pyro.distributions as dist
+from pyro.distributions.util import is_validation_enabled
 import torch
 from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
@@ -157,7 +158,8 @@ class BayesianMLP(UniqueParamNames, PyroModule):
         batch = x.shape[0]
         if batch == 0:
             raise ValueError("x must have at least one row")
-        if not all_finite(x):
+        values = is_validation_enabled()  # value checks: a pass over the batch, a sync on a GPU
+        if values and not all_finite(x):
             raise ValueError("x contains NaN or infinite values")
         if y is not None and self.dataset_size is not None and self.dataset_size < batch:
             raise ValueError(f"dataset_size ({self.dataset_size}) is smaller than the batch size ({batch})")
@@ -168,13 +170,13 @@ class BayesianMLP(UniqueParamNames, PyroModule):
         if self.likelihood == "classification":
             if y.dtype != torch.int64 or y.shape != (batch,):
                 raise ValueError(f"y must be an int64 tensor of shape ({batch},), got {y.dtype} {tuple(y.shape)}")
-            if ((y < 0) | (y >= self.out_features)).any():
+            if values and ((y < 0) | (y >= self.out_features)).any():
                 raise ValueError(f"y labels must be in 0 .. {self.out_features - 1}")
             return
         expected = (batch,) if self.out_features == 1 else (batch, self.out_features)
         if not y.is_floating_point() or y.shape != expected:
             raise ValueError(f"y must be a float tensor of shape {expected}, got {y.dtype} {tuple(y.shape)}")
-        if not all_finite(y):
+        if values and not all_finite(y):
             raise ValueError("y contains NaN or infinite values")
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
