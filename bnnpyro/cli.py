@@ -48,9 +48,11 @@ def seed(text: str) -> int:
 
 
 def output_path(text: str) -> str:
-    """A file to write (``''``: none) whose folder exists: checked when the arguments are parsed,
-    not after the work that produces the file."""
+    """A file to write (``''``: none), not a folder, whose folder exists: checked when the arguments
+    are parsed, not after the work that produces the file."""
     folder = os.path.dirname(text)
     if text and folder and not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"folder {folder!r} does not exist")
+    if text and os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder: give a file name")
     return text

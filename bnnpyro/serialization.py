@@ -121,13 +121,22 @@ def _optim_state(optim: object, model: nn.Module, guide: nn.Module | None) -> di
     kind = _optim_kind(optim)
     if isinstance(optim, torch.optim.Optimizer):
         return {"kind": kind, "state": optim.state_dict()}
-    store, states = pyro.get_param_store(), optim.get_state()
-    by_path = {path: states[name] for path, p in _named_parameters(model, guide).items()
-               if (name := store.param_name(p)) is not None and name in states}
+    # by tensor (optim_objs is keyed by the unconstrained parameter, the module's own), not through
+    # param-store names: those are gone after pyro.clear_param_store(), the states are not
+    by_path = {path: _per_parameter_state(optim.optim_objs[p])
+               for path, p in _named_parameters(model, guide).items() if p in optim.optim_objs}
     if not by_path:
         raise ValueError("optim holds no state for the parameters of this model and guide: pass the optimizer "
                          "that trained them (after at least one step)")
     return {"kind": kind, "state": by_path}
+
+
+def _per_parameter_state(optimizer: Any) -> dict[str, Any]:
+    """The state of one of a Pyro optimizer's per-parameter torch optimizers (or learning-rate
+    schedulers, with their optimizer's), in the form ``PyroOptim.get_state`` gives it."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer.state_dict()
+    return {"scheduler": optimizer.state_dict(), "optimizer": optimizer.optimizer.state_dict()}
 
 
 def _register_in_param_store(model: nn.Module, guide: nn.Module | None) -> None:

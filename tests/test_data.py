@@ -119,6 +119,8 @@ def test_a_path_to_a_data_set_folder_loads_it(tmp_path, monkeypatch):
     with pytest.raises(IndexError):  # the local file is read: its one row has no row 3 of the split
         load_uci("./yacht", split=3)
     torch.testing.assert_close(load_uci("yacht", split=3).x_train, s.x_train)  # the bare name: bundled
+    with pytest.raises(FileNotFoundError, match="'./concrete' has no data.txt"):  # not the bundled concrete
+        load_uci("./concrete")
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/uci not present")

@@ -359,6 +359,21 @@ def test_restoring_the_best_params_restores_the_modules_buffers():
         torch.testing.assert_close(v, seen[0][k], rtol=0, atol=0, msg=k)
 
 
+def test_the_snapshot_for_early_stopping_copies_persistent_buffers_only():
+    """Non-persistent buffers (a converted network's copies of its pretrained weights, prior
+    parameters) are constants: only the state_dict's buffers are copied at each improvement."""
+    from bnnpyro.infer.fit import _snapshot_param_store
+    from bnnpyro.nn import to_bayesian
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    bnn = to_bayesian(net, prior="pretrained")
+    buffers = _snapshot_param_store([bnn, bnn])["buffers"]  # reached twice: copied once
+    params = {id(p) for p in bnn.parameters()}
+    persistent = [v for v in bnn.state_dict(keep_vars=True).values() if id(v) not in params]
+    assert [id(b) for b, _ in buffers] == [id(b) for b in persistent]
+    assert len(list(bnn.buffers())) == len(persistent) + 6  # the anchors and the pretrained copies
+
+
 def test_validation_without_patience_only_records():
     x, y = _regression_data()
     model, guide = make_regression(N)

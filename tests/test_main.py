@@ -95,6 +95,7 @@ def test_help_documents_the_options():
     (["--seed", str(2**32)], r"argument --seed: must be in \[0, 2\*\*32\)"),
     (["--data", "yacht", "--plot", "no/such/folder/p.png"], "--plot: folder 'no/such/folder' does not exist"),
     (["--data", "yacht", "--save", "no/such/folder/m.pt"], "--save: folder 'no/such/folder' does not exist"),
+    (["--data", "yacht", "--save", "."], "--save: '.' is a folder: give a file name"),
 ])
 def test_bad_arguments_exit_with_a_usage_error(args, message, capsys):
     """A bad option ends with argparse's usage error (exit status 2) naming it, not a traceback."""

@@ -323,6 +323,18 @@ def test_bad_prediction_inputs_raise():
         lm.generate(x[0], 3, temperature=0.0)
 
 
+def test_out_of_range_token_ids_are_named_in_every_chunk_of_the_predictive():
+    """sample_predictive runs its later chunks with validation off; the token-id check runs anyway
+    (a bad id had become a bare IndexError, a device-side assert on a GPU)."""
+    from bnnpyro import sample_predictive
+
+    m = BayesianLSTMClassifier(num_classes=3, hidden_size=4, dataset_size=30, vocab_size=6, embedding_dim=3)
+    x = torch.randint(0, 6, (12, 5))
+    x[-1, 0] = 9
+    with pytest.raises(ValueError, match=r"x holds ids in \[0, 9\], expected \[0, 6\)"):
+        sample_predictive(m.model, m.guide, x, 2, chunk_size=4, vectorize=False)
+
+
 @pytest.mark.parametrize("make", ["token classifier", "language model"])
 def test_vectorized_particles_raise_an_explanation(make):
     """The LSTM models take one weight draw per call: a token model under vectorize_particles says so,

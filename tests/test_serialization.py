@@ -371,6 +371,24 @@ def test_save_with_the_optimizer_and_load_optim_state_resume_exactly(tmp_path, c
     assert any(not torch.equal(fresh[k], v) for k, v in expected.items())
 
 
+def test_a_pyro_optimizers_state_is_saved_after_the_param_store_is_cleared(tmp_path):
+    """The per-parameter states are found by tensor, not through param-store names, which
+    pyro.clear_param_store() (e.g. fit(clear_param_store=True) for another model) removes."""
+    x = torch.randn(20, 2)
+    m = BayesianMLPRegressor(2, hidden=(4,), dataset_size=20)
+    optim = pyro.optim.Adam({"lr": 1e-2})
+    fit(m.model, m.guide, (x, x.sum(-1)), epochs=2, optim=optim, progress=False)
+    expected = {k: v["state"][0]["exp_avg"].clone() for k, v in
+                zip((f"model.{k}" for k, _ in m.named_parameters()),
+                    (optim.optim_objs[p].state_dict() for _, p in m.named_parameters()))}
+    pyro.clear_param_store()
+    bnnpyro.save(tmp_path / "m.pt", m, optim=optim)
+    saved = torch.load(tmp_path / "m.pt", weights_only=True)["optim"]["state"]
+    assert saved.keys() == expected.keys()
+    for k, v in expected.items():
+        assert torch.equal(saved[k]["state"][0]["exp_avg"], v), k
+
+
 def test_optimizer_state_errors(tmp_path):
     x = torch.randn(20, 2)
     m = BayesianMLPRegressor(2, hidden=(4,), dataset_size=20)
@@ -475,6 +493,32 @@ def test_load_state_dict_with_assign_trains_and_uses_the_assigned_tensors(kind):
     for k, v in m.state_dict().items():
         assert torch.equal(v, loaded[k]), k
     assert _trains(model, guide, x, y, m)
+
+
+def test_load_state_dict_with_assign_renames_submodules_and_on_errors():
+    """A converted network whose submodule was assigned into first (taking a prefix of its own), then
+    the whole network: every module takes a fresh name, so the parent's assign is kept; a load that
+    fails part way (torch has assigned the matching keys by then) renames too."""
+    from bnnpyro.nn import BayesianMLP, to_bayesian
+
+    bnn = to_bayesian(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1)),
+                      prior="pretrained")
+    x = torch.randn(4, 2)
+    poutine.trace(bnn).get_trace(x)
+    name = "2.priors.weight.scale_unconstrained"
+    bnn[2].load_state_dict({k.removeprefix("2."): v.clone() for k, v in bnn.state_dict().items()
+                            if k.startswith("2.")}, assign=True)
+    poutine.trace(bnn).get_trace(x)
+    loaded = {k: v + 1.0 for k, v in bnn.state_dict().items()}
+    bnn.load_state_dict(loaded, assign=True)
+    poutine.trace(bnn).get_trace(x)  # the store must not copy a stale value back
+    assert torch.equal(bnn.state_dict()[name], loaded[name])
+    net = BayesianMLP(3, 1, hidden=(4,), dataset_size=10)
+    poutine.trace(net).get_trace(torch.randn(4, 3))
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        net.load_state_dict({"sigma_unconstrained": torch.tensor(3.0), "junk": torch.zeros(1)}, assign=True)
+    poutine.trace(net).get_trace(torch.randn(4, 3))
+    assert net.state_dict()["sigma_unconstrained"].item() == 3.0
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])

@@ -93,8 +93,10 @@ def _dataset_dir(name: str, root: str | os.PathLike | None) -> Path:
     text = os.fspath(name)
     written_as_path = (any(sep and sep in text for sep in (os.sep, os.altsep)) or text.startswith(".")
                        or path.is_absolute())
-    if root is None and written_as_path and (path / "data.txt").is_file():
-        return path
+    if root is None and written_as_path:
+        if (path / "data.txt").is_file():
+            return path
+        raise FileNotFoundError(f"UCI data set folder {name!r} has no data.txt (resolved: {path.resolve()})")
     roots = [Path(root)] if root is not None else _search_roots()
     for r in roots:
         if (r / name / "data.txt").is_file():

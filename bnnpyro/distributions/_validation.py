@@ -120,9 +120,9 @@ def check_layer_values(
 def check_value_shape(d: Distribution, value: Tensor) -> None:
     """
     The shape part of ``Distribution._validate_sample``: ``value`` is a tensor whose rightmost
-    dims are ``d.event_shape`` and whose leading dims broadcast with ``d.batch_shape``. The layers'
-    ``log_prob`` is their folded KL and ignores ``value``'s entries, so there is no support check
-    (which would be a pass over every pre-activation of the minibatch).
+    dims are ``d.event_shape`` and whose leading dims broadcast with ``d.batch_shape``, without the
+    support check (a pass over every entry): the layers' ``log_prob`` is their folded KL and ignores
+    ``value``'s entries, and a :class:`~bnnpyro.distributions.FactorizedNormal` draw is real already.
     """
     if not torch.is_tensor(value):
         raise ValueError("The value argument to log_prob must be a Tensor")

@@ -107,14 +107,20 @@ def _modules_of(*fns: Callable[..., Any]) -> list[torch.nn.Module]:
 
 
 def _snapshot_param_store(modules: list[torch.nn.Module]) -> dict:
-    """A copy of the param store's state, and of the buffers of ``modules`` (BatchNorm's running
-    statistics, ...), that later training does not modify."""
+    """A copy of the param store's state, and of the persistent buffers of ``modules`` (BatchNorm's
+    running statistics, ...: the state_dict's; non-persistent ones are constants), that later
+    training does not modify."""
     state = pyro.get_param_store().get_state()
     params = {
         name: p.detach().clone().requires_grad_(p.requires_grad) for name, p in state["params"].items()
     }
-    buffers = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
-    return {"params": params, "constraints": state["constraints"], "buffers": buffers}
+    buffers: dict[int, tuple[Tensor, Tensor]] = {}  # by identity: a module may be reached twice
+    for m in modules:
+        weights = {id(p) for p in m.parameters()}
+        for value in m.state_dict(keep_vars=True).values():
+            if id(value) not in weights:
+                buffers.setdefault(id(value), (value, value.detach().clone()))
+    return {"params": params, "constraints": state["constraints"], "buffers": list(buffers.values())}
 
 
 def _restore_param_store(state: dict) -> None:
@@ -124,7 +130,7 @@ def _restore_param_store(state: dict) -> None:
     guide computes with, an autoguide's), so replacing them in the store
     (:meth:`~pyro.params.param_store.ParamStoreDict.set_state`) left the modules, and so the guide
     and :func:`bnnpyro.save`, at their last values. A parameter no longer in the store (or of
-    another shape) is set again.
+    another shape) is set again. The snapshot's buffers are copied back in place too.
     """
     store = pyro.get_param_store()
     current = dict(store.named_parameters())

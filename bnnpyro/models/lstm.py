@@ -304,7 +304,9 @@ class _BayesianLSTMNet(ConfigRepr, NewParamNameOnCopy, nn.Module):
             check_like("x", x, self.out_mean)
             if x.dim() != 2 or 0 in x.shape:
                 raise ValueError(f"x must be B x T token ids, got shape {tuple(x.shape)}")
-            if is_validation_enabled() and (x.min() < 0 or x.max() >= self.vocab_size):
+            # always checked (cheap beside the LSTM): a bad id is a device-side assert on a GPU, and
+            # sample_predictive runs its later chunks with validation off
+            if x.min() < 0 or x.max() >= self.vocab_size:
                 raise ValueError(f"x holds ids in [{int(x.min())}, {int(x.max())}], expected [0, {self.vocab_size})")
         else:
             if not x.is_floating_point():

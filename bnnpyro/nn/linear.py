@@ -125,7 +125,7 @@ class BayesianLinear(PyroModule):
         """The prior over a tensor of ``shape``, as one event, on the module's device and dtype."""
         params = self._prior_params()
         shape = torch.Size(shape)
-        # the buffers were validated by Prior; skipping validation avoids a device sync per draw
+        # the values were validated by Prior; skipping validation avoids a device sync per draw
         if self.prior.kind == "normal":
             # Pyro computes every model site's log density, even where TraceMeanField_ELBO then uses
             # the KL: as one event over the tensor it is a norm (one pass, no out x in temporaries)

@@ -45,25 +45,25 @@ class UniqueParamNames:
         # submodules are restored before their parent: the outermost copied module gives its new
         # prefix to every module of the copy that shared its old one
         self._prefix_before_copy = old
-        self._new_param_prefix()
-
-    def _new_param_prefix(self) -> None:
-        """Give this module, and every module in it that shares its prefix, a fresh prefix."""
-        old = self.__dict__.get("_param_prefix")
         new = new_param_prefix(old.rsplit("_", 1)[0])
         for module in self.modules():
-            if isinstance(module, UniqueParamNames) and old in (module.__dict__.get("_prefix_before_copy"),
-                                                                 module.__dict__.get("_param_prefix")):
+            if isinstance(module, UniqueParamNames) and module.__dict__.get("_prefix_before_copy") == old:
                 module._param_prefix = new
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        """``nn.Module.load_state_dict``; with ``assign=True`` the module's parameters are new
-        tensors, which take a fresh prefix (under the old one, Pyro's param store holds the
-        replaced tensors and would copy them back)."""
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        if assign and self.__dict__.get("_param_prefix") is not None:
-            self._new_param_prefix()
-        return result
+        """``nn.Module.load_state_dict``; with ``assign=True`` the parameters are new tensors, and
+        every module in this one takes a fresh prefix (modules that shared one keep sharing a new
+        one): under the old names Pyro's param store holds the replaced tensors and would copy them
+        back. Also when loading fails part way (torch has assigned the matching keys by then)."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            if assign:
+                renamed: dict[str, str] = {}
+                for module in self.modules():
+                    old = module.__dict__.get("_param_prefix") if isinstance(module, UniqueParamNames) else None
+                    if old is not None:
+                        module._param_prefix = renamed.setdefault(old, new_param_prefix(old.rsplit("_", 1)[0]))
 
 
 class NewParamNameOnCopy:
@@ -99,11 +99,13 @@ class NewParamNameOnCopy:
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``; with ``assign=True`` the module's parameters are new
         tensors, which take a name of their own (under the old one, Pyro's param store holds the
-        replaced tensors: SVI would step those)."""
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        if assign:
-            self._new_pyro_name()
-        return result
+        replaced tensors: SVI would step those), also when loading fails part way. Only this
+        module's own ``load_state_dict`` renames: assign into the whole model, not a submodule."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            if assign:
+                self._new_pyro_name()
 
 
 def _reduce_made_class(self: nn.Module) -> tuple:
