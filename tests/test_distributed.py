@@ -18,11 +18,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from pyro import poutine
 from pyro.infer import SVI, TraceMeanField_ELBO
+from pyro.nn import PyroModule
 from pyro.poutine.messenger import Messenger
 
 import bnnpyro
+from bnnpyro.infer import AnalyticAutoNormal
 from bnnpyro.infer.distributed import DistributedSVI, fit_distributed, shard
 from bnnpyro.models import BayesianMLPRegressor
+from bnnpyro.nn import BayesianMLP, to_bayesian
 
 WORLD = 2
 N, D, H = 40, 3, 8
@@ -82,6 +85,22 @@ def _noisy_guide(m: BayesianMLPRegressor, noise: dict[str, torch.Tensor]):
         with _FixedNoise(noise):
             return m.guide(x, y)
     return guide
+
+
+class _BatchNormRegressor(PyroModule):
+    """A converted network with a BatchNorm layer, and a likelihood scaled for minibatches of N rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dataset_size = N
+        self.net = to_bayesian(torch.nn.Sequential(torch.nn.Linear(D, 4), torch.nn.BatchNorm1d(4),
+                                                   torch.nn.ReLU(), torch.nn.Linear(4, 1)))
+
+    def forward(self, x, y=None):
+        f = self.net(x).squeeze(-1)
+        with pyro.plate("data", N, subsample=torch.arange(len(x))):
+            pyro.sample("y", pyro.distributions.Normal(f, 1.0), obs=y)
+        return f
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -150,6 +169,39 @@ def _worker(rank: int, port: int, out: str) -> None:
                 fit_distributed(diverging_model, m.guide, (x, y), epochs=2, batch_size=10, seed=5, progress=False)
         except FloatingPointError as e:
             record["diverged"] = str(e)
+
+        # a parameter created on rank 1 only (at its second step): every rank raises, none waits
+        pyro.clear_param_store()
+        steps = [0]
+
+        def lazy_model(x, y=None):
+            loc = pyro.param("loc", torch.zeros(()))
+            if rank == 1 and steps[0] >= 1:
+                loc = loc + pyro.param("extra", torch.zeros(()))
+            with pyro.plate("rows", len(x)):
+                pyro.sample("obs", pyro.distributions.Normal(loc, 1.0), obs=y)
+
+        svi = DistributedSVI(lazy_model, lambda x, y=None: None)
+        try:
+            for steps[0] in range(3):
+                svi.step(x[shard(torch.arange(8), rank, WORLD)], y[shard(torch.arange(8), rank, WORLD)])
+        except ValueError as e:
+            record["one_rank_params"] = (steps[0], str(e))
+
+        # a BayesianMLP without dataset_size cannot be scaled per rank: refused on every rank
+        try:
+            net = BayesianMLP(D, 1, hidden=(4,))
+            DistributedSVI(net, AnalyticAutoNormal(net))
+        except ValueError as e:
+            record["no_dataset_size"] = str(e)
+
+        # BatchNorm running statistics: rank 0's after every step, so the replicas stay equal
+        pyro.clear_param_store()
+        torch.manual_seed(40 + rank)
+        bn_net = _BatchNormRegressor()
+        guide = AnalyticAutoNormal(bn_net)
+        fit_distributed(bn_net, guide, (x, y), epochs=2, batch_size=10, seed=6, progress=False)
+        record["bn_buffers"] = {k: v.clone() for k, v in bn_net.state_dict().items() if "running" in k}
         torch.save(record, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -271,6 +323,66 @@ def test_fit_distributed_raises_on_every_rank_when_one_ranks_loss_turns_nan(runs
     records, _ = runs
     for r in records:
         assert "at epoch 0, minibatch 1: training diverged on some rank" in r["diverged"]
+
+
+def test_parameters_met_on_one_rank_only_raise_on_every_rank(runs):
+    """Rank 1 creates a parameter at its second step, rank 0 does not: before, rank 1 broadcast it
+    while rank 0 all-reduced a buffer of another length, and both waited until the gloo timeout."""
+    records, _ = runs
+    for r in records:
+        step, message = r["one_rank_params"]
+        assert step == 1 and "new parameters ['extra'] were met on some ranks only (ranks [1] differ" in message
+
+
+def test_a_model_without_dataset_size_is_refused_with_several_ranks(runs):
+    """BayesianMLP's dataset_size=None scales each rank's likelihood by 1: the objective would have
+    been NLL / W + KL, silently."""
+    records, _ = runs
+    for r in records:
+        assert "dataset_size=None" in r["no_dataset_size"]
+
+
+def test_batch_norm_statistics_are_equal_on_every_rank(runs):
+    """Each rank's BatchNorm updates its running statistics from its own shard; rank 0's are
+    broadcast after every step (DistributedDataParallel's broadcast_buffers), so the replicas agree."""
+    records, _ = runs
+    a, b = records[0]["bn_buffers"], records[1]["bn_buffers"]
+    assert a.keys() == b.keys() and {"net.1.running_mean", "net.1.running_var"} <= a.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(a["net.1.running_mean"], torch.zeros(4))  # they were updated
+
+
+def test_an_unused_parameter_keeps_its_value_as_under_svi(float64):
+    """A parameter that a step's loss does not use gets no gradient, as with SVI and a torch
+    optimizer (it had been given a zero gradient, and Adam's momentum moved it on)."""
+    def run(step_fn_factory):
+        pyro.clear_param_store()
+        calls = [0]
+
+        def model(x, y=None):
+            loc = pyro.param("a", torch.tensor(0.5))
+            if calls[0] < 2:
+                loc = loc + pyro.param("b", torch.tensor(0.4))
+            with pyro.plate("rows", len(x)):
+                pyro.sample("obs", pyro.distributions.Normal(loc, 1.0), obs=y)
+
+        step = step_fn_factory(model)
+        values = []
+        for calls[0] in range(5):
+            step(torch.zeros(4), torch.ones(4))
+            values.append(pyro.param("b").item())
+        return values
+
+    def svi(model):
+        return SVI(model, lambda x, y=None: None, pyro.optim.Adam({"lr": 0.1}), TraceMeanField_ELBO()).step
+
+    def distributed(model):
+        return DistributedSVI(model, lambda x, y=None: None, optim_args={"lr": 0.1}).step
+
+    expected, got = run(svi), run(distributed)
+    assert expected[2:] == [expected[1]] * 3  # b stays put once unused
+    assert got[2:] == [got[1]] * 3
 
 
 def test_fit_distributed_checkpoint_needs_model():

@@ -41,7 +41,13 @@ the global gradient and the global loss. Every rank then takes the same
 :class:`torch.optim.Adam` step on the same gradient, so the replicas stay
 identical. Parameters met for the first time are broadcast from rank 0 before
 their first gradient is taken (the local loss is then recomputed), so all
-ranks start equal whatever their initialisation.
+ranks start equal whatever their initialisation; the ranks first agree that
+they met the same new parameters (one small all-reduce per step), and all raise
+if not. The flat buffer also counts, per parameter, the ranks whose loss used
+it: a parameter no rank used gets no gradient (``SVI`` leaves it alone too).
+BatchNorm running statistics of the model and guide modules (each rank updates
+them from its own rows) are broadcast from rank 0 after every step, as
+:class:`~torch.nn.parallel.DistributedDataParallel` does with its buffers.
 
 **Randomness.** :func:`fit_distributed` draws the order of the data from a
 generator seeded with ``seed`` on every rank (all ranks agree on the global
@@ -66,7 +72,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bnnpyro.infer.elbo_terms import elbo_terms
-from bnnpyro.infer.fit import FitHistory, _check_pair, _check_positive_int
+from bnnpyro.infer.fit import FitHistory, _check_pair, _check_positive_int, _modules_of
 from bnnpyro.serialization import _GUIDE_CLASSES, save
 
 
@@ -120,6 +126,15 @@ class DistributedSVI:
         self.optim_args = {"lr": 1e-2} if optim_args is None else dict(optim_args)
         self.params: dict[str, Tensor] = {}
         self.optimizer: torch.optim.Adam | None = None
+        modules = _modules_of(model, guide)
+        if _world()[1] > 1 and any(getattr(m, "dataset_size", 0) is None for m in modules):
+            # it scales each rank's likelihood by B_r / B_r = 1: the objective would be NLL / W + KL
+            raise ValueError("the model has dataset_size=None (no minibatch scaling): with several ranks give it "
+                             "dataset_size=N, the number of training points")
+        # BatchNorm running statistics, updated from each rank's own shard: kept equal by broadcasting
+        # rank 0's after every step, as DistributedDataParallel does (broadcast_buffers)
+        self.batch_norms = [b for m in modules for b in m.modules()
+                            if isinstance(b, nn.modules.batchnorm._BatchNorm) and b.track_running_stats]
 
     def _traced_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with poutine.trace(param_only=True) as capture:
@@ -140,41 +155,76 @@ class DistributedSVI:
         else:
             self.optimizer.add_param_group({"params": list(new.values())})
 
+    def _new_parameters(self, params: dict[str, Tensor], rows: int, device: torch.device) -> list[str]:
+        """The names of ``params`` not adopted yet, agreed by every rank (collective with several):
+        a rank that met new parameters, while another did not (an empty shard, or parameters that
+        depend on the rows), makes every rank raise, instead of leaving them waiting in mismatched
+        collectives."""
+        rank, world_size = _world()
+        new = sorted(set(params) - set(self.params))
+        if world_size == 1:
+            if not rows:
+                raise ValueError("x has no rows: a single process needs the whole (non-empty) batch")
+            return new
+        flag = torch.tensor([float(bool(new) or not self.params)], device=device)
+        dist.all_reduce(flag)
+        if flag.item() == 0:
+            return new
+        found: list[list[str] | None] = [None] * world_size
+        dist.all_gather_object(found, new)
+        if any(f != found[0] for f in found) or not found[0]:
+            ranks = [r for r, f in enumerate(found) if f != found[0]]
+            raise ValueError(
+                f"new parameters {sorted(set().union(*found))} were met on some ranks only (ranks {ranks} differ; "
+                "an empty shard, or parameters created by some rows only): every rank must create the same "
+                "parameters at the same step; use larger batches, or create them on the first step"
+            )
+        return new
+
     def step(self, x: Tensor, y: Tensor) -> float:
         """
         One optimizer step on the global batch made of every rank's ``(x, y)``.
         Collective: every rank must call it. Returns the global ``-ELBO``
         estimate ``(N/B) NLL(global batch) + KL``, the same on every rank.
+        A parameter that no rank's loss used keeps its value (no gradient, as with ``SVI``).
         """
-        rank, world_size = _world()
+        world_size = _world()[1]
         rows = len(x)
-        if rows:
+        loss, params = self._traced_loss(x, y) if rows else (None, {})
+        if self._new_parameters(params, rows, x.device):
+            self._adopt(params)
             loss, params = self._traced_loss(x, y)
-            if set(params) - set(self.params):
-                self._adopt(params)
-                loss, params = self._traced_loss(x, y)
+        if rows:
             loss.backward()
-        elif not self.params:
-            raise ValueError(f"rank {rank} has an empty shard before the parameters exist: use larger batches")
-        else:
-            loss = torch.zeros(())
         names = sorted(self.params)
         ref = self.params[names[0]]
         grads = [self.params[n].grad if self.params[n].grad is not None else torch.zeros_like(self.params[n])
                  for n in names]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(ref), ref.new_ones(1)])
+        used = ref.new_tensor([float(self.params[n].grad is not None) for n in names])
+        value = ref.new_zeros(1) if loss is None else loss.detach().reshape(1).to(ref)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [used, value, ref.new_ones(1)])
         flat.mul_(rows)
         if world_size > 1:
             dist.all_reduce(flat)
         flat.div_(flat[-1].item())
         offset = 0
-        for n in names:
+        used = flat[-2 - len(names): -2].tolist()
+        for n, in_use in zip(names, used):
             p = self.params[n]
-            p.grad = flat[offset: offset + p.numel()].view_as(p)
+            p.grad = flat[offset: offset + p.numel()].view_as(p) if in_use > 0 else None
             offset += p.numel()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.broadcast_batch_norms()
         return flat[-2].item()
+
+    def broadcast_batch_norms(self) -> None:
+        """Rank 0's BatchNorm running statistics to every rank (collective; after each step, and
+        after any other pass in training mode, which updates them from each rank's own rows)."""
+        if _world()[1] > 1:
+            for bn in self.batch_norms:
+                for buffer in bn.buffers():
+                    dist.broadcast(buffer, src=0)
 
 
 def _reduce_terms(model: Callable[..., Any], guide: Callable[..., Any], x: Tensor, y: Tensor, batch: int) -> Tensor:
@@ -275,6 +325,7 @@ def fit_distributed(
                     )
                 weighted += loss_value * len(idx)
             nll, kl = (_reduce_terms(model, guide, xs, ys, len(idx)) / len(x)).tolist()
+            svi.broadcast_batch_norms()  # that pass updated them from each rank's shard
             history.loss.append(weighted / len(x) / len(x))
             history.nll.append(nll)
             history.kl.append(kl)
