@@ -160,7 +160,7 @@ class DistributedSVI:
         a rank that met new parameters, while another did not (an empty shard, or parameters that
         depend on the rows), makes every rank raise, instead of leaving them waiting in mismatched
         collectives."""
-        rank, world_size = _world()
+        world_size = _world()[1]
         new = sorted(set(params) - set(self.params))
         if world_size == 1:
             if not rows:
