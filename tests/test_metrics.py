@@ -102,6 +102,21 @@ def test_gaussian_mixture_interval():
     close(cdf(upper), torch.full((6,), 0.9, dtype=torch.float64), atol=1e-10)
 
 
+@pytest.mark.parametrize("outlier", [1e3, 1e6])
+def test_gaussian_mixture_interval_is_precise_relative_to_the_quantile_not_the_spread(outlier):
+    """99 components at 0 and one far away, unit noise, in float32: the interval to float32 precision
+    against scipy's root of the mixture CDF (a fixed number of halvings had left an error relative
+    to the spread: 5.7e-3 relative for an outlier at 1e6)."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    means = [0.0] * 99 + [outlier]
+    lower, upper = gaussian_mixture_interval(torch.tensor(means).unsqueeze(-1), 1.0, level=0.95)
+    for got, q in ((lower, 0.025), (upper, 0.975)):
+        ref = brentq(lambda t: sum(norm.cdf(t - m) for m in means) / 100 - q, -10, 10, xtol=1e-14)
+        assert got.item() == pytest.approx(ref, rel=2e-6)
+
+
 def test_mean_probs():
     samples = torch.tensor([[[0.2, 0.8]], [[0.6, 0.4]]])  # S=2, N=1, C=2
     close(mean_probs(samples), [[0.4, 0.6]])
@@ -315,6 +330,12 @@ def test_entropies_hand():
 def test_mutual_information_zero_iff_samples_agree():
     agree = torch.randn(1, 5, 3, generator=gen()).softmax(-1).expand(4, 5, 3)
     close(mutual_information(agree), torch.zeros(5), atol=1e-6)
+    # exactly zero (a difference of entropies left up to 1e-6 in float32, which made the MI of
+    # deterministic predictions rank in- and out-of-distribution inputs apart)
+    for S in (7, 100):
+        same = torch.randn(1, 1000, 10, generator=gen(S)).softmax(-1).expand(S, 1000, 10)
+        assert (mutual_information(same) == 0).all()
+        assert auroc(mutual_information(same[:, :500]), mutual_information(same[:, 500:])).item() == 0.5
     assert (mutual_information(agree) >= 0).all()
     # two confident samples that disagree: predictive entropy log 2, expected entropy 0
     disagree = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
@@ -425,6 +446,15 @@ def test_bad_inputs_raise_value_error(call, message):
 def test_non_tensor_raises_type_error():
     with pytest.raises(TypeError, match="samples must be a torch.Tensor"):
         predictive_mean([[1.0, 2.0]])
+
+
+@pytest.mark.parametrize("y_scale", [0.0, -2.0, float("nan"), True])
+def test_evaluate_regression_names_a_bad_y_scale(y_scale):
+    """A non-positive y_scale had failed with math's 'math domain error'."""
+    from bnnpyro.predict import evaluate_regression
+
+    with pytest.raises(ValueError, match="y_scale must be a positive number"):
+        evaluate_regression(torch.randn(4, 3), 1.0, torch.randn(3), y_scale=y_scale)
 
 
 def test_evaluate_regression_reports_original_units():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -45,6 +46,8 @@ def evaluate_regression(
     :returns: ``rmse``, ``log_likelihood`` (per point), ``coverage`` (PICP of the central
         ``level`` interval of the mixture), ``interval_width`` (its mean width), ``mean_std``.
     """
+    if isinstance(y_scale, bool) or not isinstance(y_scale, numbers.Real) or not y_scale > 0:
+        raise ValueError(f"y_scale must be a positive number (the target's standard deviation), got {y_scale!r}")
     mean = predictive_mean(mean_samples)
     lower, upper = gaussian_mixture_interval(mean_samples, noise_scale, level)
     return {
