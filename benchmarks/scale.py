@@ -35,6 +35,8 @@ def _worker(rank: int, world: int, port: int, device_type: str, args: argparse.N
     torch.set_num_threads(args.threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(device)  # as torch.distributed's docs ask for nccl
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world,
                             **({"device_id": device} if device_type == "cuda" else {}))
     try:

@@ -166,8 +166,7 @@ def test_check_float_batch_names_a_non_tensor_by_its_type():
 
 def _value_check_cases():
     """(name, model or guide, bad x, bad y) per model family: one non-finite or out-of-range value each."""
-    from bnnpyro.models import (BayesianCNNClassifier, BayesianLSTMLanguageModel, BayesianMLPClassifier,
-                                BayesianMLPRegressor)
+    from bnnpyro.models import BayesianCNNClassifier, BayesianMLPClassifier, BayesianMLPRegressor
     from bnnpyro.nn import BayesianMLP
 
     nan_x = torch.randn(4, 3)
@@ -175,13 +174,11 @@ def _value_check_cases():
     reg = BayesianMLPRegressor(3, dataset_size=10)
     clf = BayesianMLPClassifier(3, 2, dataset_size=10)
     cnn = BayesianCNNClassifier(num_classes=2, image_size=8, channels=(2,), hidden=(4,), dataset_size=10)
-    lm = BayesianLSTMLanguageModel(5, 3, 4, dataset_size=10)
     net = BayesianMLP(3, 2, likelihood="classification", dataset_size=10)
     return [
         ("regressor x", reg.model, nan_x, torch.randn(4)),
         ("classifier y", clf.model, torch.randn(4, 3), torch.tensor([0, 1, 2, 0])),
         ("cnn y", cnn.model, torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 5, 0])),
-        ("lm next tokens", lm.model, torch.tensor([[0, 1], [2, 3]]), torch.tensor([[1, 2], [3, 9]])),
         ("BayesianMLP y", net, torch.randn(4, 3), torch.tensor([0, 1, 3, 0])),
     ]
 
@@ -193,7 +190,7 @@ def test_value_checks_follow_pyros_validation_setting():
     always run. With validation off a BayesianMLP runs on the meta device (shape inference)."""
     import pyro
 
-    from bnnpyro.models import BayesianLSTMClassifier
+    from bnnpyro.models import BayesianLSTMClassifier, BayesianLSTMLanguageModel
     from bnnpyro.nn import BayesianMLP
 
     for name, fn, x, y in _value_check_cases():
@@ -208,9 +205,19 @@ def test_value_checks_follow_pyros_validation_setting():
                 pass
     # token ids are checked always: cheap beside an LSTM, a device-side assert on a GPU otherwise, and
     # sample_predictive runs its later chunks with validation off
+    # sample_predictive runs its later chunks with validation off; so are the LSTM models' labels and
+    # next-token targets (F.cross_entropy silently skips a -100)
     lstm = BayesianLSTMClassifier(num_classes=2, hidden_size=4, vocab_size=5, embedding_dim=3, dataset_size=10)
-    with pyro.validation_enabled(False), pytest.raises(ValueError, match=r"x holds ids in \[0, 7\], expected \[0, 5\)"):
-        lstm.guide(torch.tensor([[0, 1], [7, 2]]))
+    lm = BayesianLSTMLanguageModel(5, 3, 4, dataset_size=10)
+    tokens = torch.tensor([[0, 1], [2, 3]])
+    with pyro.validation_enabled(False):
+        with pytest.raises(ValueError, match=r"x holds ids in \[0, 7\], expected \[0, 5\)"):
+            lstm.guide(torch.tensor([[0, 1], [7, 2]]))
+        with pytest.raises(ValueError, match=r"y holds class labels in \[0, 2\], expected \[0, 2\)"):
+            lstm.model(tokens, torch.tensor([0, 2]))
+        for bad in (9, -100):
+            with pytest.raises(ValueError, match="y holds next-token ids"):
+                lm.model(tokens, torch.tensor([[1, 2], [3, bad]]))
     net = BayesianMLP(3, 1, hidden=(4,), dataset_size=10).to("meta")
     with pyro.validation_enabled(False), torch.no_grad():
         assert net(torch.empty(5, 3, device="meta")).shape == (5, 1)

@@ -188,6 +188,12 @@ def _worker(rank: int, port: int, out: str) -> None:
         except ValueError as e:
             record["one_rank_params"] = (steps[0], str(e))
 
+        # a model and guide without parameters: named as such on every rank
+        try:
+            DistributedSVI(lambda x, y=None: None, lambda x, y=None: None).step(x[:2], y[:2])
+        except ValueError as e:
+            record["no_parameters"] = str(e)
+
         # a BayesianMLP without dataset_size cannot be scaled per rank: refused on every rank
         try:
             net = BayesianMLP(D, 1, hidden=(4,))
@@ -332,6 +338,11 @@ def test_parameters_met_on_one_rank_only_raise_on_every_rank(runs):
     for r in records:
         step, message = r["one_rank_params"]
         assert step == 1 and "new parameters ['extra'] were met on some ranks only (ranks [1] differ" in message
+
+
+def test_a_model_without_parameters_is_named_on_every_rank(runs):
+    for r in runs[0]:
+        assert "no rank met any parameter" in r["no_parameters"]
 
 
 def test_a_model_without_dataset_size_is_refused_with_several_ranks(runs):

@@ -373,6 +373,15 @@ def test_the_snapshot_for_early_stopping_copies_persistent_buffers_only():
     assert [id(b) for b, _ in buffers] == [id(b) for b in persistent]
     assert len(list(bnn.buffers())) == len(persistent) + 6  # the anchors and the pretrained copies
 
+    class WithExtraState(torch.nn.Linear):  # a module's extra state is in its state_dict, not a tensor
+        def get_extra_state(self):
+            return {"version": 1}
+
+        def set_extra_state(self, state):
+            pass
+
+    assert _snapshot_param_store([WithExtraState(2, 2)])["buffers"] == []
+
 
 def test_validation_without_patience_only_records():
     x, y = _regression_data()

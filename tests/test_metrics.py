@@ -336,6 +336,12 @@ def test_mutual_information_zero_iff_samples_agree():
         same = torch.randn(1, 1000, 10, generator=gen(S)).softmax(-1).expand(S, 1000, 10)
         assert (mutual_information(same) == 0).all()
         assert auroc(mutual_information(same[:, :500]), mutual_information(same[:, 500:])).item() == 0.5
+    # near-certain samples, one with a denormal probability that underflows in the mean: MI ~ 0, not
+    # inf (a KL-to-the-mean form gave inf there)
+    logits = torch.zeros(2, 1, 2)
+    logits[0, 0, 1], logits[1, 0, 1] = -103.0, -200.0
+    mi = mutual_information(logits, logits=True)
+    assert torch.isfinite(mi).all() and mi.item() < 1e-6
     assert (mutual_information(agree) >= 0).all()
     # two confident samples that disagree: predictive entropy log 2, expected entropy 0
     disagree = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
@@ -450,11 +456,13 @@ def test_non_tensor_raises_type_error():
 
 @pytest.mark.parametrize("y_scale", [0.0, -2.0, float("nan"), True])
 def test_evaluate_regression_names_a_bad_y_scale(y_scale):
-    """A non-positive y_scale had failed with math's 'math domain error'."""
+    """A non-positive y_scale had failed with math's 'math domain error'; a one-element tensor is a number."""
     from bnnpyro.predict import evaluate_regression
 
     with pytest.raises(ValueError, match="y_scale must be a positive number"):
         evaluate_regression(torch.randn(4, 3), 1.0, torch.randn(3), y_scale=y_scale)
+    args = torch.randn(4, 3), 1.0, torch.randn(3)
+    assert evaluate_regression(*args, y_scale=torch.tensor(2.0)) == evaluate_regression(*args, y_scale=2.0)
 
 
 def test_evaluate_regression_reports_original_units():

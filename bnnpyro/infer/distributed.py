@@ -43,8 +43,9 @@ identical. Parameters met for the first time are broadcast from rank 0 before
 their first gradient is taken (the local loss is then recomputed), so all
 ranks start equal whatever their initialisation; the ranks first agree that
 they met the same new parameters (one small all-reduce per step), and all raise
-if not. The flat buffer also counts, per parameter, the ranks whose loss used
-it: a parameter no rank used gets no gradient (``SVI`` leaves it alone too).
+if not. The flat buffer also holds, per parameter, the share of the global
+batch whose loss used it: a parameter no rank used gets no gradient (``SVI``
+leaves it alone too).
 BatchNorm running statistics of the model and guide modules (each rank updates
 them from its own rows) are broadcast from rank 0 after every step, as
 :class:`~torch.nn.parallel.DistributedDataParallel` does with its buffers.
@@ -58,6 +59,7 @@ ranks draw independent noise for their rows.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any, Callable
@@ -166,13 +168,19 @@ class DistributedSVI:
             if not rows:
                 raise ValueError("x has no rows: a single process needs the whole (non-empty) batch")
             return new
+        if self.params:  # the device collectives use: the parameters' (nccl: this rank's GPU)
+            device = next(iter(self.params.values())).device
         flag = torch.tensor([float(bool(new) or not self.params)], device=device)
         dist.all_reduce(flag)
         if flag.item() == 0:
             return new
         found: list[list[str] | None] = [None] * world_size
-        dist.all_gather_object(found, new)
-        if any(f != found[0] for f in found) or not found[0]:
+        # all_gather_object stages its data on the *current* CUDA device: make it this rank's
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            dist.all_gather_object(found, new)
+        if not any(found):
+            raise ValueError("no rank met any parameter (an empty batch, or a model and guide without parameters)")
+        if any(f != found[0] for f in found):
             ranks = [r for r, f in enumerate(found) if f != found[0]]
             raise ValueError(
                 f"new parameters {sorted(set().union(*found))} were met on some ranks only (ranks {ranks} differ; "

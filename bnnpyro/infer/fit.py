@@ -118,7 +118,7 @@ def _snapshot_param_store(modules: list[torch.nn.Module]) -> dict:
     for m in modules:
         weights = {id(p) for p in m.parameters()}
         for value in m.state_dict(keep_vars=True).values():
-            if id(value) not in weights:
+            if torch.is_tensor(value) and id(value) not in weights:  # not a module's extra state
                 buffers.setdefault(id(value), (value, value.detach().clone()))
     return {"params": params, "constraints": state["constraints"], "buffers": list(buffers.values())}
 

@@ -322,7 +322,8 @@ class _BayesianLSTMNet(ConfigRepr, NewParamNameOnCopy, nn.Module):
             raise TypeError(f"y must be an int64 tensor of {what}, got {getattr(y, 'dtype', type(y).__name__)}")
         if tuple(y.shape) != shape:
             raise ValueError(f"y must have shape {shape}, got {tuple(y.shape)}")
-        if is_validation_enabled() and (y.min() < 0 or y.max() >= num_classes):
+        # always (cheap beside the LSTM): F.cross_entropy silently skips -100 (its ignore_index)
+        if y.min() < 0 or y.max() >= num_classes:
             raise ValueError(f"y holds {what} in [{int(y.min())}, {int(y.max())}], expected [0, {num_classes})")
 
     def _check_batch(self, x: Tensor) -> None:

@@ -185,8 +185,9 @@ class BayesianMLP(UniqueParamNames, PyroModule):
         sampled). Returns ``f``: ``B x out``, or ``*P x B x out`` under outer plates.
 
         Raises:
-            ValueError: ``x`` not a ``B x in_features`` float tensor, NaN or inf in ``x`` or ``y``,
-                ``y`` of the wrong shape or dtype, labels out of range, ``dataset_size < B``.
+            ValueError: ``x`` not a ``B x in_features`` float tensor, ``y`` of the wrong shape or
+                dtype, ``dataset_size < B``; with Pyro's validation on, NaN or inf in ``x`` or
+                ``y`` and labels out of range.
         """
         self._check_inputs(x, y)
         batch = x.shape[0]

@@ -46,6 +46,8 @@ def evaluate_regression(
     :returns: ``rmse``, ``log_likelihood`` (per point), ``coverage`` (PICP of the central
         ``level`` interval of the mixture), ``interval_width`` (its mean width), ``mean_std``.
     """
+    if torch.is_tensor(y_scale) and y_scale.numel() == 1:
+        y_scale = float(y_scale)
     if isinstance(y_scale, bool) or not isinstance(y_scale, numbers.Real) or not y_scale > 0:
         raise ValueError(f"y_scale must be a positive number (the target's standard deviation), got {y_scale!r}")
     mean = predictive_mean(mean_samples)

@@ -370,18 +370,16 @@ def mutual_information(probs_samples: Tensor, logits: bool = False) -> Tensor:
     Epistemic uncertainty: the mutual information between the label and the weights
     (BALD, Houlsby et al., 2011),
     :math:`\mathbb H[\bar p_n] - \frac1S \sum_s \mathbb H[p_{sn}] \ge 0`;
-    computed as the equal :math:`\frac1S \sum_s \mathrm{KL}(p_{sn} \,\|\, \bar p_n)`, with
-    :math:`\bar p_n = p_{1n} + \frac1S \sum_s (p_{sn} - p_{1n})`, so that it is exactly zero when all
-    samples agree (the difference of entropies left round-off of up to 1e-6 in float32, which broke
-    ties in :func:`auroc`); round-off negatives are clamped to zero.
+    round-off negatives are clamped to zero. Exactly zero where all samples agree (the difference
+    of entropies leaves round-off there, up to 1e-6 in float32, which broke ties in :func:`auroc`).
 
     :param probs_samples: ``S x N x C`` sampled probabilities (or logits with ``logits=True``).
     :returns: ``N``.
     """
     probs = _class_probs(probs_samples, logits)
-    mean = probs[0] + (probs - probs[0]).mean(dim=0)
-    kl = torch.special.xlogy(probs, probs) - torch.special.xlogy(probs, mean)
-    return kl.sum(dim=-1).mean(dim=0).clamp_min(0)
+    mi = (_entropy(probs.mean(dim=0)) - _entropy(probs).mean(dim=0)).clamp_min(0)
+    agree = (probs == probs[0]).all(dim=-1).all(dim=0)
+    return mi.masked_fill(agree, 0.0)
 
 
 # -- out-of-distribution detection ------------------------------------------------------

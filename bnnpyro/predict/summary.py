@@ -214,7 +214,7 @@ def _mixture_quantile(mean: Tensor, noise: Tensor, q: float) -> Tensor:
     # The mixture CDF at the smallest (largest) component quantile is <= q (>= q).
     lo, hi = component.min(dim=0).values, component.max(dim=0).values
     finfo = torch.finfo(mean.dtype)
-    scale = torch.as_tensor(noise).expand_as(mean).min(dim=0).values
+    scale = noise.expand_as(mean).min(dim=0).values
     for _ in range(finfo.bits + 2 * math.ceil(math.log2(finfo.max))):  # enough for any two finite floats
         mid = (lo + hi) / 2
         precise = hi - lo <= finfo.eps * (torch.maximum(lo.abs(), hi.abs()) + scale)
