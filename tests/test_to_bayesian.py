@@ -405,3 +405,70 @@ def test_exclude_covers_a_shared_module_inside_an_excluded_one():
 
     tr = poutine.trace(to_bayesian(Shared(), exclude="a")).get_trace(torch.randn(3, 2))
     assert not [name for name, site in tr.nodes.items() if site["type"] == "sample"]
+
+
+def test_a_converted_lstm_keeps_the_modules_eval_mode():
+    """BayesianLSTM.from_lstm builds a new module, which started in training mode: converted from a
+    model in eval mode, its inter-layer dropout stayed on, and the mean network differed from the
+    original (0.036) and between calls."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.LSTM(3, 4, num_layers=2, dropout=0.5)).eval()
+    bnn = to_bayesian(net)
+    assert not bnn[0].training
+    x = torch.randn(5, 2, 3)
+    mean_net = poutine.condition(bnn, data=pretrained_values(bnn))
+    with torch.no_grad():
+        expected = net(x)[0]
+        for _ in range(2):
+            torch.testing.assert_close(mean_net(x)[0], expected)
+
+
+def test_excluded_tied_parameters_stay_tied():
+    """A weight tied between two modules, excluded by parameter name: the excluded parameter is the
+    original (it had been a fresh copy per module: two independent point estimates)."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(6, 4), nn.Linear(4, 6, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.out(self.emb(x))
+
+    for exclude in (["emb.weight", "out.weight"], ["*weight"], ["emb", "out.weight"]):
+        bnn = to_bayesian(Tied(), exclude=exclude)
+        assert bnn.emb.weight is bnn.out.weight, exclude
+        assert [n for n, _ in bnn.named_parameters()] == ["emb.weight"]
+
+
+def test_a_subclass_keeps_its_own_parameters_deterministic():
+    """Of an nn.Linear subclass converted in place, only weight and bias become sample sites (its
+    own parameters had too, and the fan_in prior failed on them calling them a bias)."""
+    class GainLinear(nn.Linear):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.gain = nn.Parameter(torch.ones(self.out_features))
+
+        def forward(self, x):
+            return super().forward(x) * self.gain
+
+    for prior in ("fan_in", "pretrained"):
+        bnn = to_bayesian(nn.Sequential(GainLinear(3, 2)), prior=prior)
+        trace = poutine.trace(bnn).get_trace(torch.randn(4, 3))
+        sites = [n for n, s in trace.nodes.items() if s["type"] == "sample"]
+        assert sites == ["0.weight", "0.bias"] and "0.gain" in dict(bnn.named_parameters())
+
+
+def test_a_module_attribute_named_estimator_is_refused_not_replaced():
+    """to_bayesian records the estimator as ``bnn.estimator``: setting it had deleted a submodule of
+    that name (None) or failed with torch's message (a string)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.estimator = nn.Linear(3, 4), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.estimator(self.body(x))
+
+    with pytest.raises(ValueError, match="has an attribute 'estimator'.*rename it"):
+        to_bayesian(Net())

@@ -124,22 +124,31 @@ class _Converter:
         if self.excluded(paths):
             to_pyro_module_(module)
             return module
-        params = {name: p.detach().clone() for name, p in module.named_parameters(recurse=False)}
+        originals = dict(module.named_parameters(recurse=False))
         layer = _bayesian_layer(module, path)
         if layer is not None:
-            return self.layer(layer, path, paths, params)
+            layer.train(module.training)  # a new layer (a BayesianLSTM's dropout) starts in training mode
+            # the weights and biases of an nn.LSTM; of a Linear, convolution or Embedding (or a subclass,
+            # converted in place) its weight and bias only: a subclass's own parameters stay as they are
+            names = originals if isinstance(layer, BayesianLSTM) else [n for n in ("weight", "bias") if n in originals]
+            params = {name: originals[name].detach().clone() for name in names}
+            return self.layer(layer, path, paths, params, originals)
         to_pyro_module_(module, recurse=False)
         for name, child in list(module._modules.items()):
             if child is not None:
                 setattr(module, name, self.module(child, _join(path, name)))
         return module
 
-    def layer(self, layer: PyroModule, path: str, paths: list[str], params: dict[str, Tensor]) -> PyroModule:
+    def layer(self, layer: PyroModule, path: str, paths: list[str], params: dict[str, Tensor],
+              originals: dict[str, nn.Parameter]) -> PyroModule:
+        """``layer`` with a prior and a sample site for each of ``params`` (copies of the original
+        module's ``originals``) that is not excluded; an excluded one keeps its original
+        parameter (so a weight tied to another module's stays tied)."""
         priors = {}
         for name, value in params.items():
             full = _join(path, name)
             if self.excluded(paths, name):
-                setattr(layer, name, nn.Parameter(value))
+                setattr(layer, name, originals[name])
                 continue
             # in the parameter's dtype and on its device (a Prior or the fan_in rule builds its tensors
             # in the default dtype on the CPU), so that the weight draws are too
@@ -181,10 +190,12 @@ def to_bayesian(
       :class:`~bnnpyro.nn.BayesianEmbedding` (the ``padding_idx`` row is zero in every draw;
       ``max_norm`` is not supported), ``nn.LSTM`` :class:`~bnnpyro.nn.BayesianLSTM`.
       ``nn.Conv1d``/``nn.Conv2d`` (and subclasses of ``nn.Linear``/``nn.Embedding``) keep their
-      class and ``forward``, their parameters turned into :class:`~pyro.nn.PyroSample` s (one
-      weight draw per call; no stacked draws).
+      class and ``forward``, their ``weight`` and ``bias`` turned into :class:`~pyro.nn.PyroSample` s
+      (one weight draw per call; no stacked draws). Converted layers keep the module's
+      training/eval mode.
     - A module used at several places stays one module (one set of sites); a parameter shared
-      by two converted layers (tied weights) becomes two independent sample sites.
+      by two converted layers (tied weights) becomes two independent sample sites, and stays one
+      parameter where both are excluded.
     - Every other parameter (BatchNorm, LayerNorm, GRU, custom parameters, ...) stays
       deterministic: a Pyro param, point-estimated by SVI. So do all parameters of the layers
       matched by ``exclude``. In Pyro's param store these are named ``<prefix>.<path>`` with a
@@ -222,7 +233,8 @@ def to_bayesian(
         guide = AutoNormal(bnn, init_loc_fn=init_to_value(values=pretrained_values(bnn)), init_scale=1e-3)
 
     **Estimator.** ``estimator`` (``"weight_space"``, ``"local_reparameterization"``,
-    ``"flipout"`` or None) is recorded as ``bnn.estimator``; :func:`estimator_for` returns the
+    ``"flipout"`` or None) is recorded as ``bnn.estimator`` (a module with an attribute of that
+    name is refused); :func:`estimator_for` returns the
     handler, which must wrap the SVI step (``with estimator_for(bnn): svi.step(x, y)``), not the
     model alone: the handlers sample pre-activations from the *guide's* Normal over the weights,
     which they learn when the guide draws them; a forward pass of the model only sees the drawn
@@ -270,6 +282,9 @@ def to_bayesian(
         raise ValueError(f"exclude patterns {unmatched} match no module or parameter name of the module")
     root = copy.deepcopy(module)
     bnn = _Converter(root, prior, exclude, float(pretrained_scale), bool(learn_prior_scale)).module(root, "")
+    if hasattr(bnn, "estimator"):  # setting it would replace (or, with None, delete) the module's own
+        raise ValueError(f"the module has an attribute 'estimator' ({type(bnn.estimator).__name__}), where "
+                         "to_bayesian records the estimator: rename it")
     bnn.estimator = estimator
     # its point-estimated parameters get param-store names of this model's own (sample sites keep theirs)
     return unique_param_names_(bnn, new_param_prefix(type(module).__name__))
