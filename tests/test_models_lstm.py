@@ -180,9 +180,20 @@ def test_prediction_shapes_and_probabilities():
 
 
 def test_predictions_more_samples_larger_than_dataset():
-    """Predicting is not bound by dataset_size (only training batches are)."""
+    """Predicting is not bound by dataset_size (only training batches are): through get_logits, and
+    through the model and guide without y (sample_predictive, Predictive), which had refused a batch
+    of more than dataset_size sequences."""
+    from bnnpyro import sample_predictive
+
     m = _float_classifier()
-    assert m.get_logits(torch.randn(N + 5, T, 2), 2).shape == (N + 5, 2, 3)
+    x = torch.randn(N + 5, T, 2)
+    assert m.get_logits(x, 2).shape == (N + 5, 2, 3)
+    assert sample_predictive(m.model, m.guide, x, 2, vectorize=False)["f"].shape == (2, N + 5, 3)
+    lm = _lm()
+    tokens = torch.randint(0, 7, (N + 5, T))
+    assert poutine.trace(lm.guide).get_trace(tokens).nodes  # the guide alone, no y
+    with pytest.raises(ValueError, match="dataset_size must be the number of training sequences"):
+        m.model(x, torch.zeros(N + 5, dtype=torch.long))  # a training batch still is
 
 
 def test_lm_likelihood_is_the_categorical_log_prob_and_samples():
@@ -289,7 +300,7 @@ def test_lm_perplexity_decreases_on_bundled_text():
         (_float_classifier, torch.randn(B, T), None, ValueError, "x must be B x T x 2"),
         (_float_classifier, torch.randn(B, T, 3), None, ValueError, "x must be B x T x 2"),
         (_float_classifier, torch.full((B, T, 2), float("nan")), None, ValueError, "x contains NaN"),
-        (_float_classifier, torch.randn(N + 1, T, 2), None, ValueError, "dataset_size"),
+        (_float_classifier, torch.randn(N + 1, T, 2), torch.zeros(N + 1).long(), ValueError, "dataset_size"),
         (_float_classifier, torch.randn(B, T, 2), torch.full((B,), 3), ValueError, r"y holds class labels in \[3, 3"),
         (_float_classifier, torch.randn(B, T, 2), torch.full((B,), -1), ValueError, "y holds class labels"),
         (_float_classifier, torch.randn(B, T, 2), torch.zeros(B), TypeError, "y must be an int64"),
@@ -299,7 +310,7 @@ def test_lm_perplexity_decreases_on_bundled_text():
         (_token_classifier, torch.zeros(B, T, 1).long(), None, ValueError, "x must be B x T token ids"),
         (_lm, torch.zeros(B, T).long(), torch.zeros(B, T - 1).long(), ValueError, "y must have shape"),
         (_lm, torch.zeros(B, T).long(), torch.full((B, T), 9), ValueError, "y holds next-token ids"),
-        (_lm, torch.zeros(N + 1, T).long(), None, ValueError, "dataset_size"),
+        (_lm, torch.zeros(N + 1, T).long(), torch.zeros(N + 1, T).long(), ValueError, "dataset_size"),
     ],
 )
 @pytest.mark.parametrize("program", ["model", "guide"])

@@ -433,7 +433,8 @@ class BayesianLSTMClassifier(_BayesianLSTMNet):
 
     def _check(self, x: Tensor, y: Tensor | None) -> None:
         self._check_x(x)
-        self._check_batch(x)
+        if y is not None:  # a training batch: at most dataset_size; prediction takes any number
+            self._check_batch(x)
         if y is not None:
             self._check_labels(y, (x.size(0),), self.num_classes, "class labels")
 
@@ -551,7 +552,8 @@ class BayesianLSTMLanguageModel(_BayesianLSTMNet):
 
     def _check(self, x: Tensor, y: Tensor | None) -> None:
         self._check_x(x)
-        self._check_batch(x)
+        if y is not None:  # a training batch: at most dataset_size; prediction takes any number
+            self._check_batch(x)
         if y is not None:
             self._check_labels(y, tuple(x.shape), self.vocab_size, "next-token ids")
 
