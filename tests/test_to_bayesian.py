@@ -472,3 +472,40 @@ def test_a_module_attribute_named_estimator_is_refused_not_replaced():
 
     with pytest.raises(ValueError, match="has an attribute 'estimator'.*rename it"):
         to_bayesian(Net())
+
+
+def test_a_reassigned_prior_is_used():
+    """``.prior`` is a public attribute (repr shows it): the layers' cached prior tensors or
+    distributions follow a new one (they had been keyed by device and dtype only)."""
+    torch.manual_seed(0)
+    for layer, x in ((BayesianLSTM(3, 4), torch.randn(5, 2, 3)), (BayesianEmbedding(50, 40), torch.arange(50)),
+                     (BayesianLinear(30, 40), torch.randn(2, 30))):
+        layer(x)  # builds the cache under the default N(0, 1)
+        layer.prior = Prior(scale=100.0)
+        draws = [site["value"] for site in poutine.trace(layer).get_trace(x).nodes.values() if site["type"] == "sample"]
+        assert 50 < torch.cat([d.reshape(-1) for d in draws]).std() < 200, type(layer).__name__
+
+
+def test_to_lstm_takes_excluded_parameters_from_the_module():
+    """A converted LSTM whose biases were excluded: to_lstm(pretrained_values(...)) builds the nn.LSTM
+    from the sites and the module's own biases (it had raised KeyError for them)."""
+    net = nn.Sequential(nn.LSTM(3, 4))
+    bnn = to_bayesian(net, exclude="0.bias_*")
+    lstm = bnn[0].to_lstm(pretrained_values(bnn))
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(lstm(x)[0], net(x)[0])
+
+
+def test_embedding_options_are_kept_or_refused():
+    """scale_grad_by_freq is kept (it had been dropped: a 3-times-used row got 3x the gradient);
+    sparse is refused like max_norm."""
+    net = nn.Embedding(6, 3, scale_grad_by_freq=True)
+    bnn = to_bayesian(net)
+    x = torch.tensor([5, 5, 5, 1])
+    weight = net.weight.detach().clone().requires_grad_(True)
+    poutine.condition(bnn, data={"weight": weight})(x).sum().backward()
+    net(x).sum().backward()
+    torch.testing.assert_close(weight.grad, net.weight.grad)
+    with pytest.raises(ValueError, match="sparse=True"):
+        to_bayesian(nn.Embedding(6, 3, sparse=True))

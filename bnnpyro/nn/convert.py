@@ -72,6 +72,9 @@ def _bayesian_layer(layer: nn.Module, path: str) -> Optional[PyroModule]:
     if isinstance(layer, nn.Embedding) and layer.max_norm is not None:
         raise ValueError(f"{path or 'module'}: nn.Embedding with max_norm renormalises its weight in place "
                          "and cannot be converted; exclude it")
+    if isinstance(layer, nn.Embedding) and layer.sparse:
+        raise ValueError(f"{path or 'module'}: nn.Embedding with sparse=True: a sampled table's gradient "
+                         "reaches its dense posterior parameters; exclude it, or convert it with sparse=False")
     if t is nn.Linear:
         w = layer.weight
         return BayesianLinear(layer.in_features, layer.out_features, bias=layer.bias is not None,
@@ -79,7 +82,7 @@ def _bayesian_layer(layer: nn.Module, path: str) -> Optional[PyroModule]:
     if t is nn.Embedding:
         w = layer.weight
         return BayesianEmbedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx,
-                                 device=w.device, dtype=w.dtype)
+                                 scale_grad_by_freq=layer.scale_grad_by_freq, device=w.device, dtype=w.dtype)
     if t is nn.LSTM:
         return BayesianLSTM.from_lstm(layer)
     if isinstance(layer, nn.LSTM):
@@ -188,7 +191,8 @@ def to_bayesian(
     - ``nn.Linear`` becomes :class:`~bnnpyro.nn.BayesianLinear` (which also takes stacked weight
       draws, e.g. ``Predictive(..., parallel=True)``), ``nn.Embedding``
       :class:`~bnnpyro.nn.BayesianEmbedding` (the ``padding_idx`` row is zero in every draw;
-      ``max_norm`` is not supported), ``nn.LSTM`` :class:`~bnnpyro.nn.BayesianLSTM`.
+      ``scale_grad_by_freq`` is kept; ``max_norm`` and ``sparse`` are not supported), ``nn.LSTM``
+      :class:`~bnnpyro.nn.BayesianLSTM`.
       ``nn.Conv1d``/``nn.Conv2d`` (and subclasses of ``nn.Linear``/``nn.Embedding``) keep their
       class and ``forward``, their ``weight`` and ``bias`` turned into :class:`~pyro.nn.PyroSample` s
       (one weight draw per call; no stacked draws). Converted layers keep the module's

@@ -18,7 +18,7 @@ from bnnpyro.nn.lstm import BayesianWeights
 
 class BayesianEmbedding(BayesianWeights):
     r"""
-    ``nn.Embedding(num_embeddings, embedding_dim, padding_idx)`` with a random ``weight``
+    ``nn.Embedding(num_embeddings, embedding_dim, padding_idx, scale_grad_by_freq=...)`` with a random ``weight``
     (``N x E``, a :class:`~pyro.nn.PyroSample` with prior ``prior((N, E))``, one event).
 
     A call draws the table once; every index of the input (all positions, all sequences)
@@ -35,6 +35,7 @@ class BayesianEmbedding(BayesianWeights):
         embedding_dim: int,
         padding_idx: Optional[int] = None,
         *,
+        scale_grad_by_freq: bool = False,
         prior: Prior = Prior(),
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
@@ -47,6 +48,7 @@ class BayesianEmbedding(BayesianWeights):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx
+        self.scale_grad_by_freq = bool(scale_grad_by_freq)
 
     def forward(self, input: Tensor) -> Tensor:
         weight = self.weight
@@ -56,7 +58,7 @@ class BayesianEmbedding(BayesianWeights):
                 "under an outer plate of samples (vectorize_particles=True, Predictive(parallel=True)) run the "
                 "samples one at a time instead (e.g. sample_predictive(..., vectorize=False))"
             )
-        out = F.embedding(input, weight)
+        out = F.embedding(input, weight, scale_grad_by_freq=self.scale_grad_by_freq)
         if self.padding_idx is not None:
             out = out.masked_fill((input == self.padding_idx).unsqueeze(-1), 0.0)
         return out
@@ -65,4 +67,6 @@ class BayesianEmbedding(BayesianWeights):
         s = f"{self.num_embeddings}, {self.embedding_dim}"
         if self.padding_idx is not None:
             s += f", padding_idx={self.padding_idx}"
+        if self.scale_grad_by_freq:
+            s += ", scale_grad_by_freq=True"
         return s + f", prior={self.prior}"

@@ -103,7 +103,7 @@ class BayesianLinear(PyroModule):
         dtype = dtype if dtype is not None else torch.get_default_dtype()
         # an empty buffer: .to() moves it, and the prior's tensors follow it (_prior_params)
         self.register_buffer("_prior_anchor", torch.empty(0, device=device, dtype=dtype), persistent=False)
-        self._prior_params_key: Optional[tuple[torch.device, torch.dtype]] = None
+        self._prior_params_key: Optional[tuple[torch.device, torch.dtype, Prior]] = None
         self._prior_params_cache: list[Tensor] = []
         self.has_bias = bool(bias)
         # partials, not methods: PyroSample renames named callables, which breaks pickling
@@ -114,7 +114,7 @@ class BayesianLinear(PyroModule):
         """The prior's parameters as 0-d tensors on the module's device and in its dtype, made from
         the prior's Python numbers (so a float64 module has the exact values however it became
         float64: built so, or cast), once per device and dtype."""
-        key = (self._prior_anchor.device, self._prior_anchor.dtype)
+        key = (self._prior_anchor.device, self._prior_anchor.dtype, self.prior)  # .prior may be reassigned
         if key != self._prior_params_key:
             self._prior_params_cache = [torch.tensor(getattr(self.prior, field), device=key[0], dtype=key[1])
                                         for field in _PRIOR_FIELDS[self.prior.kind]]

@@ -322,7 +322,8 @@ class BayesianWeights(PyroModule):
     drawn once per call from ``prior(shape)``.
 
     The prior distributions are built once per device/dtype of the module (tracked by an empty
-    buffer, so ``.to()`` moves them) and reused by every call, not re-created each step.
+    buffer, so ``.to()`` moves them) and prior (``.prior`` may be reassigned), and reused by every
+    call, not re-created each step.
 
     :param prior: the i.i.d. weight prior.
     :param shapes: weight name -> shape, in the order the layer uses them.
@@ -340,13 +341,14 @@ class BayesianWeights(PyroModule):
         self.weight_shapes: dict[str, torch.Size] = {k: torch.Size(v) for k, v in shapes.items()}
         self.register_buffer("_prior_anchor", torch.empty(0, device=device, dtype=dtype), persistent=False)
         self._priors: dict[str, TorchDistribution] = {}
-        self._priors_key: Optional[tuple[torch.device, torch.dtype]] = None
+        self._priors_key: Optional[tuple[torch.device, torch.dtype, Prior]] = None
         for name in self.weight_shapes:
             setattr(self, name, PyroSample(partial(BayesianWeights._weight_prior, name=name)))
 
     def _weight_prior(self, name: str) -> TorchDistribution:
         """``prior(shape)`` of weight ``name`` on the module's current device and dtype."""
-        key = (self._prior_anchor.device, self._prior_anchor.dtype)
+        # the prior too: a prior assigned after the first call is used (it had kept the cached one)
+        key = (self._prior_anchor.device, self._prior_anchor.dtype, self.prior)
         if key != self._priors_key:
             self._priors = {n: self.prior(s, device=key[0], dtype=key[1]) for n, s in self.weight_shapes.items()}
             self._priors_key = key
@@ -424,7 +426,9 @@ class BayesianLSTM(BayesianWeights):
                        self.dropout, self.bidirectional, self.proj_size, device=anchor.device, dtype=anchor.dtype)
         with torch.no_grad():
             for name in self.weight_shapes:
-                lstm.get_parameter(name).copy_(self._site_value(weights, name))
+                # a weight excluded from conversion (to_bayesian's exclude) is a parameter, not a site
+                own = self._parameters.get(name)
+                lstm.get_parameter(name).copy_(own if own is not None else self._site_value(weights, name))
         return lstm.train(self.training)
 
     def forward(
