@@ -11,13 +11,18 @@ import os
 from typing import Callable
 
 
+def _parse(kind: type, text: str) -> int | float:
+    """``kind(text)``, or argparse's error naming what was expected."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+
+
 def positive(kind: type) -> Callable[[str], int | float]:
     """A type accepting numbers of ``kind`` (``int`` or ``float``) above zero."""
     def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        value = _parse(kind, text)
         if not value > 0:
             raise argparse.ArgumentTypeError(f"must be positive, got {text}")
         return value
@@ -27,10 +32,7 @@ def positive(kind: type) -> Callable[[str], int | float]:
 
 def level(text: str) -> float:
     """A credible level in (0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a float, got {text!r}") from None
+    value = _parse(float, text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
     return value
@@ -38,10 +40,7 @@ def level(text: str) -> float:
 
 def seed(text: str) -> int:
     """A seed numpy accepts (``pyro.set_rng_seed`` seeds numpy too): an int in ``[0, 2**32)``."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    value = _parse(int, text)
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text}")
     return value
