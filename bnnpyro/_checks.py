@@ -17,6 +17,13 @@ def all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def check_finite(name: str, t: Tensor) -> None:
+    """``ValueError`` naming ``name`` if ``t`` holds NaN or infinite values, checked with Pyro's
+    validation on (as the distributions' value checks: a pass over ``t`` and, on a GPU, a sync)."""
+    if is_validation_enabled() and not all_finite(t):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
 def check_float_batch(x: object, like: Tensor, shape_ok: bool, expected: str, dataset_size: int,
                       training: bool, unit: str = "rows") -> None:
     """
@@ -41,8 +48,7 @@ def check_float_batch(x: object, like: Tensor, shape_ok: bool, expected: str, da
         )
     if x.size(0) == 0:
         raise ValueError(f"x must have at least one row, got shape {tuple(x.shape)}")
-    if is_validation_enabled() and not all_finite(x):
-        raise ValueError("x contains NaN or infinite values")
+    check_finite("x", x)
 
 
 def check_like(name: str, t: Tensor, reference: Tensor, owner: str = "the model's parameters") -> None:

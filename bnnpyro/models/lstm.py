@@ -56,12 +56,11 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.distributions.torch_distribution import TorchDistribution
-from pyro.distributions.util import is_validation_enabled
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from bnnpyro._checks import all_finite, check_like, one_of, positive_int, positive_number
+from bnnpyro._checks import check_finite, check_like, one_of, positive_int, positive_number
 from bnnpyro.distributions import FactorizedNormal, HiddenLayer, Prior
 from bnnpyro.models._config import ConfigRepr
 from bnnpyro.nn import BayesianEmbedding, BayesianLSTM, lstm_forward
@@ -314,8 +313,7 @@ class _BayesianLSTMNet(ConfigRepr, NewParamNameOnCopy, nn.Module):
             check_like("x", x, self.out_mean)
             if x.dim() != 3 or x.size(-1) != self.input_size or 0 in x.shape:
                 raise ValueError(f"x must be B x T x {self.input_size}, got shape {tuple(x.shape)}")
-            if is_validation_enabled() and not all_finite(x):
-                raise ValueError("x contains NaN or infinite values")
+            check_finite("x", x)
 
     def _check_labels(self, y: Tensor, shape: tuple[int, ...], num_classes: int, what: str) -> None:
         if not torch.is_tensor(y) or y.dtype != torch.long:

@@ -7,12 +7,11 @@ from typing import Callable, Sequence
 
 import pyro
 import pyro.distributions as dist
-from pyro.distributions.util import is_validation_enabled
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnnpyro._checks import (all_finite, check_class_labels, check_float_batch, one_of, positive_int, positive_ints,
+from bnnpyro._checks import (check_class_labels, check_finite, check_float_batch, one_of, positive_int, positive_ints,
                              positive_number, prior_scale_or_fan_in)
 from bnnpyro.distributions import HiddenLayer, normal_kl_sum
 from bnnpyro.distributions.hidden_layer import ESTIMATORS
@@ -256,8 +255,7 @@ class BayesianMLPRegressor(_HiddenLayerMLP):
         expected = (x.size(0),) if self.out_features == 1 else (x.size(0), self.out_features)
         if tuple(y.shape) != expected:
             raise ValueError(f"y must have shape {expected} for x of shape {tuple(x.shape)}, got {tuple(y.shape)}")
-        if is_validation_enabled() and not all_finite(y):
-            raise ValueError("y contains NaN or infinite values")
+        check_finite("y", y)
 
 
 class BayesianMLPClassifier(_HiddenLayerMLP):

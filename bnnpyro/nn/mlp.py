@@ -29,7 +29,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from bnnpyro._checks import all_finite, check_like, positive_int, positive_ints
+from bnnpyro._checks import check_finite, check_like, positive_int, positive_ints
 from bnnpyro.distributions.priors import Prior
 from bnnpyro.nn.activations import resolve_non_linearity
 from bnnpyro.nn.linear import BayesianLinear
@@ -158,9 +158,7 @@ class BayesianMLP(UniqueParamNames, PyroModule):
         batch = x.shape[0]
         if batch == 0:
             raise ValueError("x must have at least one row")
-        values = is_validation_enabled()  # value checks: a pass over the batch, a sync on a GPU
-        if values and not all_finite(x):
-            raise ValueError("x contains NaN or infinite values")
+        check_finite("x", x)
         if y is not None and self.dataset_size is not None and self.dataset_size < batch:
             raise ValueError(f"dataset_size ({self.dataset_size}) is smaller than the batch size ({batch})")
         if y is None:
@@ -170,14 +168,13 @@ class BayesianMLP(UniqueParamNames, PyroModule):
         if self.likelihood == "classification":
             if y.dtype != torch.int64 or y.shape != (batch,):
                 raise ValueError(f"y must be an int64 tensor of shape ({batch},), got {y.dtype} {tuple(y.shape)}")
-            if values and ((y < 0) | (y >= self.out_features)).any():
+            if is_validation_enabled() and ((y < 0) | (y >= self.out_features)).any():
                 raise ValueError(f"y labels must be in 0 .. {self.out_features - 1}")
             return
         expected = (batch,) if self.out_features == 1 else (batch, self.out_features)
         if not y.is_floating_point() or y.shape != expected:
             raise ValueError(f"y must be a float tensor of shape {expected}, got {y.dtype} {tuple(y.shape)}")
-        if values and not all_finite(y):
-            raise ValueError("y contains NaN or infinite values")
+        check_finite("y", y)
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
         """
